@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncGenerator, Sequence
 
     from outbox.envelope import Envelope
 
@@ -87,6 +87,10 @@ class Broker(Protocol):
         """Declare a durable queue bound to the exchange by each topic pattern (idempotent)."""
         ...
 
-    def consume(self, queue: str, *, prefetch: int = 32) -> AsyncIterator[Delivery]:
-        """Yield deliveries from ``queue`` until the broker is closed or the caller stops."""
+    def consume(self, queue: str, *, prefetch: int = 32) -> AsyncGenerator[Delivery, None]:
+        """Yield deliveries from ``queue`` until the broker is closed; close it when done.
+
+        Use ``async with contextlib.aclosing(broker.consume(q)) as deliveries:`` so
+        the generator is closed even when the loop is left early.
+        """
         ...

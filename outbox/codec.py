@@ -54,12 +54,17 @@ class JsonCodec:
 
     def decode(self, body: bytes) -> Any:
         try:
-            return json.loads(body)
+            # Decode first: json.loads(bytes) would also guess UTF-16 and UTF-32.
+            return json.loads(body.decode(), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError) as e:
             raise InvalidMessageError(f"body is not valid UTF-8 JSON: {e}") from e
 
     def __repr__(self) -> str:
         return "JsonCodec()"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 JSON = JsonCodec()

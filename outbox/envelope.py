@@ -44,6 +44,30 @@ KEY_HEADER = "x-outbox-key"
 TRACEPARENT_HEADER = "traceparent"
 _CE_PREFIX = "cloudEvents:"
 _PERSISTENT = 2
+_HEADER_TYPES = (str, int, float, bool, type(None))
+
+
+def _text(name: str, value: str | bytes) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise MalformedMessageError(f"header {name!r} is not UTF-8 text") from None
+
+
+def _created_at(ce_time: object, timestamp: datetime | None) -> datetime:
+    """The producer's time: CloudEvents ``time`` keeps microseconds, AMQP ``timestamp`` seconds."""
+    created: datetime | None = None
+    if isinstance(ce_time, str | bytes):
+        try:
+            created = datetime.fromisoformat(
+                ce_time.decode() if isinstance(ce_time, bytes) else ce_time
+            )
+        except (ValueError, UnicodeDecodeError):
+            created = None
+    created = created or timestamp or datetime.now(UTC)
+    return created if created.tzinfo else created.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,16 +170,19 @@ class Envelope:
             raise MalformedMessageError("no content_type property: cannot choose a codec")
         app_headers: dict[str, HeaderValue] = {}
         key: str | None = None
-        for name, value in (headers or {}).items():
+        raw = dict(headers or {})
+        for name, value in raw.items():
             if name == KEY_HEADER:
                 if not isinstance(value, str | bytes):
                     raise MalformedMessageError(f"{KEY_HEADER} header is not a string")
-                key = value.decode() if isinstance(value, bytes) else value
-            elif not name.startswith(_CE_PREFIX):
-                app_headers[name] = value.decode() if isinstance(value, bytes) else value
-        created = timestamp or datetime.now(UTC)
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
+                key = _text(name, value)
+            elif name.startswith(_CE_PREFIX):
+                continue
+            elif isinstance(value, bytes):
+                app_headers[name] = _text(name, value)
+            elif isinstance(value, _HEADER_TYPES):
+                app_headers[name] = value
+            # Anything else is broker bookkeeping (x-death is a list of tables), not ours.
         return cls(
             message_id=mid,
             topic=topic,
@@ -163,7 +190,7 @@ class Envelope:
             body=body,
             content_type=content_type,
             headers=app_headers,
-            created_at=created,
+            created_at=_created_at(raw.get(_CE_PREFIX + "time"), timestamp),
         )
 
     def decode(self, codecs: Mapping[str, Codec] | None = None) -> Message:
@@ -173,7 +200,8 @@ class Envelope:
         codec cannot read.
         """
         registry = codecs if codecs is not None else {JSON.content_type: JSON}
-        codec = registry.get(self.content_type.split(";", 1)[0].strip())
+        # MIME types are case-insensitive, and parameters (charset) do not pick the codec.
+        codec = registry.get(self.content_type.split(";", 1)[0].strip().lower())
         if codec is None:
             raise MalformedMessageError(
                 f"no codec for content type {self.content_type!r}; known: {sorted(registry)}"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
 
 __all__ = ["new_message_id", "new_message_uuid", "normalize_message_id"]
 
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+)
 _lock = threading.Lock()
 _last_ms = 0
 _last_rand = 0
@@ -54,8 +58,8 @@ def normalize_message_id(value: object) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, str):
-        try:
-            return str(uuid.UUID(value))
-        except ValueError:
-            raise ValueError(f"message_id {value!r} is not a UUID") from None
+        # uuid.UUID() alone also takes braces, 'urn:uuid:' and stray '+' or '_' characters.
+        if _UUID_TEXT.fullmatch(value) is None:
+            raise ValueError(f"message_id {value!r} is not a UUID")
+        return str(uuid.UUID(value))
     raise ValueError(f"message_id must be a uuid.UUID or a UUID string, not {type(value).__name__}")

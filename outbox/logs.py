@@ -9,9 +9,9 @@ carry ``message_id``, ``topic`` and ``key``, and URLs go through ``redact_url``.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
@@ -89,20 +89,30 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
 def redact_url(url: object) -> str:
     """Return ``url`` as text with any password replaced by ``***``, safe for logs.
 
-    Accepts strings and SQLAlchemy ``URL`` objects; the user name is kept, since
-    it tells an operator which account is in use.
+    Accepts strings and SQLAlchemy ``URL`` objects. Redacts the password of the
+    user-info part and ``password=`` query parameters (libpq accepts both); the
+    user name is kept, since it tells an operator which account is in use. Never
+    raises, because the URLs it sees in error paths are often the malformed ones.
     """
     rendered = getattr(url, "render_as_string", None)
     if callable(rendered):
-        return str(rendered(hide_password=True))
+        return _redact_query(str(rendered(hide_password=True)))
     text = str(url)
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return _redact_query(text)
+    # The authority ends at the first '/', '?' or '#' after the last '@' of the user info.
+    at = rest.rfind("@")
+    if at != -1:
+        userinfo, hostpart = rest[:at], rest[at + 1 :]
+        user, colon, _password = userinfo.partition(":")
+        if colon:
+            rest = f"{user}:***@{hostpart}"
+    return _redact_query(f"{scheme}://{rest}")
+
+
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pass)=)[^&#]*")
+
+
+def _redact_query(text: str) -> str:
+    return _QUERY_SECRET.sub(r"\1***", text)

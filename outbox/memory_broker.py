@@ -3,71 +3,103 @@
 It follows RabbitMQ where the framework depends on it: topic routing with
 ``*`` and ``#``, mandatory publishing (a message no queue is bound for comes back
 as ``RETURNED``), at-least-once delivery (an unacknowledged delivery is
-redelivered with ``redelivered=True``). It can also misbehave on request
-(``nack_next``, ``fail_next``) so tests can drive the error paths. Nothing
-survives the process.
+redelivered with ``redelivered=True``, back at its original place in the queue).
+It can also misbehave on request (``nack_next``, ``fail_next``) so tests can
+drive the error paths. Nothing survives the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from outbox.broker import PublishOutcome, PublishResult
-from outbox.errors import BrokerError
+from outbox.errors import BrokerError, ConfigurationError
 from outbox.topics import topic_matches, validate_pattern
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncGenerator, Sequence
 
     from outbox.envelope import Envelope
 
 __all__ = ["InMemoryBroker", "MemoryDelivery"]
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    seq: int  # position in the queue: requeued messages go back where they were
+    envelope: Envelope
+    redelivered: bool
+
+
 @dataclass(eq=False)
 class MemoryDelivery:
     """A delivery from an ``InMemoryBroker`` queue."""
 
-    envelope: Envelope
-    redelivered: bool
+    _entry: _Entry
     _queue: _Queue
+    _generation: int
     _settled: bool = False
+
+    @property
+    def envelope(self) -> Envelope:
+        """The message as sent."""
+        return self._entry.envelope
+
+    @property
+    def redelivered(self) -> bool:
+        """True if this message was delivered before."""
+        return self._entry.redelivered
 
     async def ack(self) -> None:
         """Remove the message from its queue for good."""
         self._settle()
-        self._queue.unacked.discard(self)
         self._queue.wake()  # a prefetch slot is free again
 
     async def nack(self, *, requeue: bool) -> None:
-        """Put the message back at the head of its queue, or move it to the dead letters."""
+        """Put the message back at its place in the queue, or move it to the dead letters."""
         self._settle()
-        self._queue.unacked.discard(self)
         if requeue:
-            self._queue.ready.appendleft((self.envelope, True))
-            self._queue.wake()
+            self._queue.requeue(self._entry)
         else:
             self._queue.dead_letters.append(self.envelope)
+        self._queue.wake()
 
     def _settle(self) -> None:
         if self._settled:
             raise BrokerError(f"delivery of {self.envelope.message_id} was already acked or nacked")
+        if self._generation != self._queue.generation:
+            raise BrokerError(
+                f"delivery of {self.envelope.message_id} belongs to a closed connection; "
+                "the broker has requeued it"
+            )
         self._settled = True
+        self._queue.unacked.discard(self)
 
 
 @dataclass(eq=False)
 class _Queue:
     patterns: list[str] = field(default_factory=list)
-    ready: deque[tuple[Envelope, bool]] = field(default_factory=deque)
+    ready: deque[_Entry] = field(default_factory=deque)
     unacked: set[MemoryDelivery] = field(default_factory=set)
     dead_letters: list[Envelope] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    generation: int = 0
 
     def wake(self) -> None:
         self.changed.set()
+
+    def requeue(self, entry: _Entry) -> None:
+        # Requeued messages are few and near the head: a short scan finds their place.
+        again = _Entry(entry.seq, entry.envelope, True)
+        for i, queued in enumerate(self.ready):
+            if queued.seq > entry.seq:
+                self.ready.insert(i, again)
+                return
+        self.ready.append(again)
 
 
 class InMemoryBroker:
@@ -77,6 +109,7 @@ class InMemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._scripted: deque[PublishOutcome] = deque()
         self._connected = False
+        self._seq = itertools.count()
         self.published: list[Envelope] = []
         """Every envelope the broker confirmed, in order (duplicates included)."""
         self.publish_counts: defaultdict[str, int] = defaultdict(int)
@@ -90,9 +123,9 @@ class InMemoryBroker:
         """Mark the broker unreachable; unacknowledged deliveries go back to their queues."""
         self._connected = False
         for queue in self._queues.values():
-            for delivery in list(queue.unacked):
-                delivery._settled = True
-                queue.ready.appendleft((delivery.envelope, True))
+            queue.generation += 1  # deliveries and consumers of this connection are void
+            for delivery in queue.unacked:
+                queue.requeue(delivery._entry)
             queue.unacked.clear()
             queue.wake()
 
@@ -106,8 +139,7 @@ class InMemoryBroker:
 
     async def publish(self, envelopes: Sequence[Envelope]) -> list[PublishResult]:
         """Route each envelope to the queues bound for its topic; see ``Broker.publish``."""
-        if not self._connected:
-            raise BrokerError("the in-memory broker is not connected; call connect() first")
+        self._require_connection()
         results: list[PublishResult] = []
         for envelope in envelopes:
             scripted = self._scripted.popleft() if self._scripted else None
@@ -124,8 +156,9 @@ class InMemoryBroker:
                     PublishResult(envelope.message_id, PublishOutcome.RETURNED, "NO_ROUTE")
                 )
                 continue
+            seq = next(self._seq)
             for queue in targets:
-                queue.ready.append((envelope, False))
+                queue.ready.append(_Entry(seq, envelope, False))
                 queue.wake()
             self.published.append(envelope)
             self.publish_counts[envelope.message_id] += 1
@@ -133,21 +166,29 @@ class InMemoryBroker:
         return results
 
     async def declare_queue(self, queue: str, patterns: Sequence[str]) -> None:
-        """Create ``queue`` if needed and bind it by each pattern."""
+        """Create ``queue`` if needed and bind it by each pattern (all checked first)."""
         for pattern in patterns:
-            validate_pattern(pattern)
+            try:
+                validate_pattern(pattern)
+            except ValueError as e:
+                raise ConfigurationError(str(e)) from None
         q = self._queues.setdefault(queue, _Queue())
         q.patterns.extend(p for p in patterns if p not in q.patterns)
 
-    async def consume(self, queue: str, *, prefetch: int = 32) -> AsyncIterator[MemoryDelivery]:
-        """Yield deliveries from ``queue``, at most ``prefetch`` unacknowledged at a time."""
-        if queue not in self._queues:
+    async def consume(self, queue: str, *, prefetch: int = 32) -> AsyncGenerator[MemoryDelivery]:
+        """Yield deliveries from ``queue``, at most ``prefetch`` unacknowledged at a time.
+
+        Ends when the broker is closed; deliveries not acknowledged by then are requeued.
+        """
+        self._require_connection()
+        q = self._queues.get(queue)
+        if q is None:
             raise BrokerError(f"queue {queue!r} does not exist; declare_queue() it first")
-        q = self._queues[queue]
-        while self._connected:
+        generation = q.generation
+        while self._connected and q.generation == generation:
             if q.ready and len(q.unacked) < prefetch:
-                envelope, redelivered = q.ready.popleft()
-                delivery = MemoryDelivery(envelope, redelivered, q)
+                entry = q.ready.popleft()
+                delivery = MemoryDelivery(entry, q, generation)
                 q.unacked.add(delivery)
                 yield delivery
                 continue
@@ -162,3 +203,7 @@ class InMemoryBroker:
     def dead_letters(self, queue: str) -> list[Envelope]:
         """Messages nacked without requeue from ``queue``."""
         return list(self._queues[queue].dead_letters)
+
+    def _require_connection(self) -> None:
+        if not self._connected:
+            raise BrokerError("the in-memory broker is not connected; call connect() first")

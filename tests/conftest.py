@@ -19,6 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import outbox
 
+# The broker contract suite lives in a plain module; let pytest explain its failed asserts.
+pytest.register_assert_rewrite("broker_contract")
+
 PG_URL = os.environ.get(
     "OUTBOX_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -108,7 +111,9 @@ def pg_engine(pg_empty_engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-async def pg_async_engine(pg_url: str, pg_engine: sa.Engine, pg_schema: str) -> AsyncIterator[AsyncEngine]:
+async def pg_async_engine(
+    pg_url: str, pg_engine: sa.Engine, pg_schema: str
+) -> AsyncIterator[AsyncEngine]:
     """An async engine (psycopg) on the same schema as ``pg_engine``."""
     engine = create_async_engine(pg_url, connect_args=schema_url_args(pg_schema), pool_size=20)
     yield engine
@@ -125,7 +130,9 @@ def sqlite_engine(tmp_path: Path) -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
-async def sqlite_async_engine(sqlite_engine: sa.Engine, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def sqlite_async_engine(
+    sqlite_engine: sa.Engine, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
     """An async engine (aiosqlite) on the same file as ``sqlite_engine``."""
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
     yield engine

@@ -1,4 +1,4 @@
-"""`outbox db upgrade` creates exactly ``outbox.metadata``, idempotently, apart from the app's history."""
+"""`outbox db upgrade` creates exactly ``outbox.metadata``, idempotently, apart from app history."""
 
 from __future__ import annotations
 

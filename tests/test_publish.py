@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +61,12 @@ class Backend:
         pytest.param("postgresql", marks=pytest.mark.integration),
     ]
 )
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+def backend(request: pytest.FixtureRequest) -> Backend:
     engine_fixture = "sqlite_engine" if request.param == "sqlite" else "pg_engine"
     async_fixture = "sqlite_async_engine" if request.param == "sqlite" else "pg_async_engine"
     engine: sa.Engine = request.getfixturevalue(engine_fixture)
     business.create_all(engine)
-    yield Backend(request.param, engine, request.getfixturevalue(async_fixture))
+    return Backend(request.param, engine, request.getfixturevalue(async_fixture))
 
 
 # Each way of holding a transaction, as a context manager factory that yields
@@ -126,7 +126,9 @@ def _place_order(order_id: int, **publish_kwargs: Any) -> Callable[[Any], Any]:
 
 
 @pytest.mark.parametrize("kind", HANDLES)
-async def test_committed_transaction_holds_business_row_and_message(backend: Backend, kind: str) -> None:
+async def test_committed_transaction_holds_business_row_and_message(
+    backend: Backend, kind: str
+) -> None:
     message = await _in_transaction(backend, kind, _place_order(1, headers={"tenant": "t1"}))
 
     [row] = backend.rows()
@@ -136,9 +138,13 @@ async def test_committed_transaction_holds_business_row_and_message(backend: Bac
     assert json.loads(row.payload) == {"id": 1}
     assert row.content_type == "application/json"
     assert row.headers == {"tenant": "t1"}
-    assert row.shard == shard_of("order-1") and 0 <= row.shard < SHARD_COUNT
-    assert row.attempts == 0 and row.checks == 0 and row.published_at is None
-    assert message.payload == {"id": 1} and message.key == "order-1"
+    assert row.shard == shard_of("order-1")
+    assert 0 <= row.shard < SHARD_COUNT
+    assert row.attempts == 0
+    assert row.checks == 0
+    assert row.published_at is None
+    assert message.payload == {"id": 1}
+    assert message.key == "order-1"
     assert uuid.UUID(message.message_id).version == 7
 
 
@@ -163,7 +169,8 @@ def test_keyless_message_has_no_shard(backend: Backend) -> None:
         outbox.publish(s, "audit.logged", ["a", 1, None, True, 2.5, {"nested": "é"}])
 
     [row] = backend.rows()
-    assert row.key is None and row.shard is None
+    assert row.key is None
+    assert row.shard is None
     assert json.loads(row.payload) == ["a", 1, None, True, 2.5, {"nested": "é"}]
 
 
@@ -227,7 +234,9 @@ def test_payload_over_the_configured_limit_is_refused(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize("kind", HANDLES)
-async def test_duplicate_message_id_fails_the_whole_transaction(backend: Backend, kind: str) -> None:
+async def test_duplicate_message_id_fails_the_whole_transaction(
+    backend: Backend, kind: str
+) -> None:
     mid = str(uuid.uuid4())
     await _in_transaction(backend, kind, _place_order(1, message_id=mid))
 
@@ -255,9 +264,9 @@ def test_duplicate_caught_by_the_caller_still_commits_nothing(backend: Backend) 
 
 
 def test_autocommit_connection_is_refused(backend: Backend) -> None:
-    with backend.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        with pytest.raises(TransactionRequiredError, match="AUTOCOMMIT"):
-            outbox.publish(conn, "t.x", {})
+    autocommit = backend.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    with autocommit as conn, pytest.raises(TransactionRequiredError, match="AUTOCOMMIT"):
+        outbox.publish(conn, "t.x", {})
 
     assert backend.rows() == []
 

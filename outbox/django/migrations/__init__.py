@@ -1,0 +1,1 @@
+"""Django migrations of the ``outbox`` app; they create the schema of ``outbox/tables.py``."""
