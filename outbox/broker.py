@@ -75,6 +75,15 @@ class Broker(Protocol):
         """Close connections; in-flight publishes end as ``FAILED``."""
         ...
 
+    @property
+    def connected(self) -> bool:
+        """True while the broker can be used (False while reconnecting)."""
+        ...
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until ``connected`` (at most ``timeout`` seconds); return whether it is."""
+        ...
+
     async def publish(self, envelopes: Sequence[Envelope]) -> list[PublishResult]:
         """Publish a batch with publisher confirms; return one result per envelope, in order.
 

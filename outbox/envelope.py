@@ -102,7 +102,7 @@ class Envelope:
     created_at: datetime
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Envelope:
+    def from_row(cls, row: Mapping[Any, Any]) -> Envelope:
         """Build the envelope of an outbox row (a mapping of ``outbox_message`` columns)."""
         created = row["created_at"]
         if created.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC

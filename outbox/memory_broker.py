@@ -109,6 +109,7 @@ class InMemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._scripted: deque[PublishOutcome] = deque()
         self._connected = False
+        self._up = asyncio.Event()
         self._seq = itertools.count()
         self.published: list[Envelope] = []
         """Every envelope the broker confirmed, in order (duplicates included)."""
@@ -118,10 +119,26 @@ class InMemoryBroker:
     async def connect(self) -> None:
         """Mark the broker reachable."""
         self._connected = True
+        self._up.set()
+
+    @property
+    def connected(self) -> bool:
+        """True between ``connect()`` and ``close()``."""
+        return self._connected
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait for ``connect()`` (at most ``timeout`` seconds); return whether it happened."""
+        if not self._connected:
+            try:
+                await asyncio.wait_for(self._up.wait(), timeout)
+            except TimeoutError:
+                return False
+        return True
 
     async def close(self) -> None:
         """Mark the broker unreachable; unacknowledged deliveries go back to their queues."""
         self._connected = False
+        self._up.clear()
         for queue in self._queues.values():
             queue.generation += 1  # deliveries and consumers of this connection are void
             for delivery in queue.unacked:

@@ -96,9 +96,16 @@ def schema_url_args(schema: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def pg_empty_engine(pg_url: str, pg_schema: str) -> Iterator[sa.Engine]:
+def pg_schema_url(pg_url: str, pg_schema: str) -> str:
+    """A URL whose connections work in the test's own schema (for subprocesses and configs)."""
+    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={pg_schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_empty_engine(pg_schema_url: str) -> Iterator[sa.Engine]:
     """A sync engine on an empty schema of its own."""
-    engine = sa.create_engine(pg_url, connect_args=schema_url_args(pg_schema), pool_size=20)
+    engine = sa.create_engine(pg_schema_url, pool_size=20)
     yield engine
     engine.dispose()
 
@@ -111,11 +118,9 @@ def pg_engine(pg_empty_engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-async def pg_async_engine(
-    pg_url: str, pg_engine: sa.Engine, pg_schema: str
-) -> AsyncIterator[AsyncEngine]:
+async def pg_async_engine(pg_schema_url: str, pg_engine: sa.Engine) -> AsyncIterator[AsyncEngine]:
     """An async engine (psycopg) on the same schema as ``pg_engine``."""
-    engine = create_async_engine(pg_url, connect_args=schema_url_args(pg_schema), pool_size=20)
+    engine = create_async_engine(pg_schema_url, pool_size=20)
     yield engine
     await engine.dispose()
 

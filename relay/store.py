@@ -1,0 +1,295 @@
+"""All SQL of the relay, with why each statement looks the way it does.
+
+The relay never advances a cursor over ids: a lower id can commit after a higher
+one (DESIGN §6), so every read selects by status and time instead.
+
+- **Keyless messages** are claimed in batches with ``FOR UPDATE SKIP LOCKED``: the
+  claim moves ``next_attempt_at`` one lease ahead, which takes the rows out of the
+  due index for other relays at once and brings them back by themselves if this
+  relay dies before settling them (that is the lease; nothing has to "recover" it).
+- **Keyed messages** are read per shard by the one relay that holds the shard's
+  advisory lock (see ``relay.shards``), so they need no claim: only the holder reads
+  them, and its lock dies with its session.
+
+PostgreSQL gets the database clock (``now()``) in every comparison so relays and
+producers on hosts with skewed clocks agree; SQLite (the embedded default, one
+process) gets the relay's clock as a parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import bindparam, func
+
+from outbox.envelope import Envelope
+from outbox.tables import MessageStatus, outbox_table
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["Failure", "RelayStore", "Row"]
+
+t = outbox_table
+_PENDING = MessageStatus.PENDING.value
+
+_COLUMNS = (
+    t.c.id,
+    t.c.message_id,
+    t.c.topic,
+    t.c.key,
+    t.c.payload,
+    t.c.content_type,
+    t.c.headers,
+    t.c.created_at,
+    t.c.attempts,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A message the relay is about to publish."""
+
+    id: int
+    attempts: int
+    """Attempts including the one being made."""
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A publish attempt that did not end in a confirm."""
+
+    row: Row
+    error: str
+    retry_in: timedelta | None
+    """None: give up, the message becomes ``dead``."""
+
+
+class RelayStore:
+    """The relay's reads and writes of ``outbox_message``, for PostgreSQL and SQLite."""
+
+    def __init__(self, engine: AsyncEngine, relay_id: str) -> None:
+        self.engine = engine
+        self.relay_id = relay_id
+        self.postgres = engine.dialect.name == "postgresql"
+        now = func.now() if self.postgres else bindparam("now", type_=sa.DateTime(timezone=True))
+
+        due = (
+            sa.select(t.c.id)
+            .where(t.c.status == _PENDING, t.c.key.is_(None), t.c.next_attempt_at <= now)
+            .order_by(t.c.next_attempt_at)
+            .limit(bindparam("limit"))
+            # Two relays never claim the same row, and neither waits for the other.
+            .with_for_update(skip_locked=True)
+        )
+        self._claim = (
+            sa.update(t)
+            .where(t.c.id.in_(due.scalar_subquery()))
+            .values(
+                next_attempt_at=self._later("lease"),
+                claimed_by=self.relay_id,
+                claimed_until=self._later("lease"),
+                attempts=t.c.attempts + 1,
+            )
+            .returning(*_COLUMNS)
+        )
+
+        # The heads of every key in the given shards plus the messages queued behind them,
+        # but only for keys whose head is due: a key in backoff holds back itself alone.
+        keyed = (
+            sa.select(
+                *_COLUMNS,
+                func.row_number().over(partition_by=t.c.key, order_by=t.c.id).label("rn"),
+                func.first_value(t.c.next_attempt_at)
+                .over(partition_by=t.c.key, order_by=t.c.id)
+                .label("head_due"),
+            )
+            .where(
+                t.c.status == _PENDING,
+                t.c.key.is_not(None),
+                t.c.shard.in_(bindparam("shards", expanding=True)),
+            )
+            .subquery()
+        )
+        self._keyed = (
+            sa.select(*(keyed.c[c.name] for c in _COLUMNS))
+            .where(keyed.c.rn <= bindparam("lookahead"), keyed.c.head_due <= now)
+            .order_by(keyed.c.id)
+            .limit(bindparam("limit"))
+        )
+
+        self._published = (
+            sa.update(t)
+            .where(t.c.id.in_(bindparam("ids", expanding=True)), t.c.status == _PENDING)
+            .values(
+                status=MessageStatus.PUBLISHED.value,
+                published_at=now,
+                updated_at=now,
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        self._retry = (
+            sa.update(t)
+            .where(t.c.id == bindparam("row_id"), t.c.status == _PENDING)
+            .values(
+                attempts=bindparam("attempt"),
+                next_attempt_at=self._later("delay"),
+                last_error=bindparam("error"),
+                updated_at=now,
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        self._dead = (
+            sa.update(t)
+            .where(t.c.id == bindparam("row_id"), t.c.status == _PENDING)
+            .values(
+                status=MessageStatus.DEAD.value,
+                attempts=bindparam("attempt"),
+                last_error=bindparam("error"),
+                updated_at=now,
+                claimed_by=None,
+                claimed_until=None,
+            )
+        )
+        self._release = (
+            sa.update(t)
+            .where(t.c.claimed_by == self.relay_id, t.c.status == _PENDING)
+            .values(next_attempt_at=now, claimed_by=None, claimed_until=None)
+        )
+        finished = (
+            sa.select(t.c.id)
+            .where(
+                t.c.status.in_([MessageStatus.PUBLISHED.value, MessageStatus.DISCARDED.value]),
+                t.c.updated_at < self._earlier("retention"),
+            )
+            .order_by(t.c.updated_at)
+            .limit(bindparam("limit"))
+        )
+        self._purge = sa.delete(t).where(t.c.id.in_(finished.scalar_subquery()))
+        self._expired = (
+            sa.update(t)
+            .where(t.c.status == _PENDING, t.c.claimed_until < now)
+            .values(claimed_by=None, claimed_until=None)
+        )
+        self._gauges = sa.select(
+            func.count(),
+            func.min(t.c.created_at),
+        ).where(t.c.status == _PENDING)
+        self._now = sa.select(now)
+
+    # -- time ---------------------------------------------------------------------------
+
+    def _later(self, name: str) -> sa.ColumnElement[Any]:
+        """``now() + :name`` on PostgreSQL; a precomputed ``:name_at`` on SQLite."""
+        if self.postgres:
+            return func.now() + bindparam(name, type_=sa.Interval())
+        return bindparam(f"{name}_at", type_=sa.DateTime(timezone=True))
+
+    def _earlier(self, name: str) -> sa.ColumnElement[Any]:
+        if self.postgres:
+            return func.now() - bindparam(name, type_=sa.Interval())
+        return bindparam(f"{name}_before", type_=sa.DateTime(timezone=True))
+
+    def _params(self, **durations: timedelta) -> dict[str, Any]:
+        if self.postgres:
+            return dict(durations)
+        now = datetime.now(UTC)
+        params: dict[str, Any] = {"now": now}
+        for name, value in durations.items():
+            params[f"{name}_at"] = now + value
+            params[f"{name}_before"] = now - value
+        return params
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def claim_keyless(self, limit: int, lease: timedelta) -> list[Row]:
+        """Claim up to ``limit`` due keyless messages for ``lease``; commit the claim."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(self._claim, {"limit": limit, **self._params(lease=lease)})
+            rows = [_row(r, counted=True) for r in result]
+        rows.sort(key=lambda r: r.id)  # RETURNING has no order; publish in insert order
+        return rows
+
+    async def fetch_keyed(
+        self, conn: AsyncConnection, shards: Sequence[int], limit: int, lookahead: int
+    ) -> list[Row]:
+        """Read due keyed messages of ``shards`` in id order, at most ``lookahead`` per key.
+
+        ``conn`` is the connection that holds the shards' advisory locks: reading
+        through it proves the locks are still held at this moment.
+        """
+        result = await conn.execute(
+            self._keyed,
+            {"shards": list(shards), "limit": limit, "lookahead": lookahead, **self._params()},
+        )
+        return [_row(r, counted=False) for r in result]
+
+    async def gauges(self) -> tuple[int, float]:
+        """Return the number of pending messages and the age in seconds of the oldest one."""
+        async with self.engine.connect() as conn:
+            count, oldest = (await conn.execute(self._gauges, self._params())).one()
+            now = (await conn.execute(self._now, self._params())).scalar_one()
+        if oldest is None:
+            return int(count), 0.0
+        return int(count), max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def settle(self, published: Iterable[Row], failures: Iterable[Failure]) -> None:
+        """Record one round's outcome in one transaction: published, retried or dead."""
+        ids = [row.id for row in published]
+        retry: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        for f in failures:
+            params = {"row_id": f.row.id, "attempt": f.row.attempts, "error": f.error[:2000]}
+            if f.retry_in is None:
+                dead.append({**params, **self._params()})
+            else:
+                retry.append({**params, **self._params(delay=f.retry_in)})
+        async with self.engine.begin() as conn:
+            if ids:
+                await conn.execute(self._published, {"ids": ids, **self._params()})
+            if retry:
+                await conn.execute(self._retry, retry)
+            if dead:
+                await conn.execute(self._dead, dead)
+
+    async def release_claims(self) -> int:
+        """Make this relay's unsettled keyless claims due now (on a clean shutdown)."""
+        async with self.engine.begin() as conn:
+            return (await conn.execute(self._release, self._params())).rowcount
+
+    async def purge(self, retention: timedelta, batch: int) -> int:
+        """Delete up to ``batch`` finished rows older than ``retention``; return how many."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                self._purge, {"limit": batch, **self._params(retention=retention)}
+            )
+            return result.rowcount
+
+    async def clear_expired_claims(self) -> int:
+        """Forget claims whose lease ran out (their rows are due again already)."""
+        async with self.engine.begin() as conn:
+            return (await conn.execute(self._expired, self._params())).rowcount
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _row(r: sa.Row[Any], *, counted: bool) -> Row:
+    """Build a ``Row``; ``counted``: the claim already added this attempt to ``attempts``."""
+    m = r._mapping
+    return Row(
+        id=m["id"],
+        attempts=m["attempts"] if counted else m["attempts"] + 1,
+        envelope=Envelope.from_row(m),
+    )
