@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,7 +14,14 @@ from outbox.errors import ConfigurationError
 __all__ = ["DURATION", "Duration", "LazyGroup", "import_object"]
 
 
-class Duration(click.ParamType):
+# click 8.2+ makes ParamType generic; 8.1 does not subscript at run time.
+if TYPE_CHECKING:
+    _DurationBase = click.ParamType[timedelta]
+else:
+    _DurationBase = click.ParamType
+
+
+class Duration(_DurationBase):
     """A click parameter that takes ``500ms``, ``30s``, ``15m``, ``2h``, ``7d``."""
 
     name = "duration"

@@ -72,6 +72,8 @@ def configure_logging(
     logging.getLogger("aiormq").setLevel(max(numeric, logging.WARNING))
     # Alembic narrates every step at INFO; `outbox db upgrade` logs its own summary.
     logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
+    # APScheduler logs every job run at INFO; the jobs log what they did themselves.
+    logging.getLogger("apscheduler").setLevel(max(numeric, logging.WARNING))
 
 
 def _keep(

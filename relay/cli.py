@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -21,8 +22,14 @@ __all__ = ["relay"]
 _POLICIES = [p.value for p in UnroutablePolicy]
 
 
-def _opt(name: str, env: str, **kwargs: Any) -> Any:
-    return click.option(name, envvar=env, show_envvar=True, show_default=True, **kwargs)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _opt(name: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    option: Callable[[F], F] = click.option(
+        name, envvar=env, show_envvar=True, show_default=True, **kwargs
+    )
+    return option
 
 
 def _unroutable(values: tuple[str, ...]) -> dict[str, UnroutablePolicy]:
