@@ -3,8 +3,8 @@
 Run: ``python examples/producer.py [DATABASE_URL]`` (default: a SQLite file in a
 temporary folder). It creates the tables, places an order whose event commits
 with it, tries one whose transaction fails (its event never exists), then shows
-what the outbox holds and the AMQP message the relay sends for it, routed
-through the in-memory broker to a queue and decoded as a consumer would.
+what the outbox holds, runs the relay, which publishes the committed message
+through the in-memory broker to a bound queue, and reads it as a consumer would.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+from contextlib import aclosing
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -19,8 +20,10 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox import migrate
-from outbox.envelope import Envelope, WireFormat
+from outbox.envelope import WireFormat
+from outbox.logs import configure_logging
 from outbox.memory_broker import InMemoryBroker
+from relay import Relay, RelayConfig
 
 shop = sa.MetaData()
 orders = sa.Table(
@@ -49,36 +52,33 @@ def place_order(engine: sa.Engine, order_id: int, customer: str, total_cents: in
         )
 
 
-async def show_delivery(engine: sa.Engine) -> None:
-    """Send the pending rows through the in-memory broker and read them back from a queue."""
+async def relay_and_receive(url: str) -> None:
+    """Run the relay on the embedded default and read what it sent from a bound queue."""
     broker = InMemoryBroker()
     await broker.connect()
     await broker.declare_queue("billing.orders", ["orders.*"])
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(outbox.outbox_table).where(outbox.outbox_table.c.status == "pending")
-        ).mappings()
-        envelopes = [Envelope.from_row(row) for row in rows]
-    wire = WireFormat()
-    for envelope in envelopes:
-        print(f"\nAMQP message to exchange {wire.exchange!r}, routing key {envelope.topic!r}:")
+    relay = Relay(RelayConfig(database_url=url), broker=broker)
+    async with relay, aclosing(broker.consume("billing.orders")) as deliveries:
+        delivery = await anext(deliveries)
+        envelope = delivery.envelope
+        wire = WireFormat()
+        print(
+            f"\nthe relay published to exchange {wire.exchange!r}, routing key {envelope.topic!r}:"
+        )
         for name, value in envelope.amqp_properties(wire).items():
             print(f"  {name}: {value}")
         print(f"  body: {envelope.body.decode()}")
-    results = await broker.publish(envelopes)
-    print("\nbroker answers:", ", ".join(f"{r.message_id[:8]}… {r.outcome}" for r in results))
-    deliveries = broker.consume("billing.orders")
-    delivery = await anext(deliveries)
-    message = delivery.envelope.decode()
-    print(
-        f"queue billing.orders received {message.topic} key={message.key} payload={message.payload}"
-    )
-    await delivery.ack()
-    await deliveries.aclose()
+        message = envelope.decode()
+        print(
+            f"queue billing.orders received {message.topic} key={message.key} "
+            f"payload={message.payload}"
+        )
+        await delivery.ack()
     await broker.close()
 
 
 def main() -> None:
+    configure_logging("WARNING")  # the relay's own log lines would drown the story
     url = sys.argv[1] if len(sys.argv) > 1 else f"sqlite:///{Path(tempfile.mkdtemp()) / 'shop.db'}"
     engine = sa.create_engine(url)
     print(f"database: {url}")
@@ -101,8 +101,13 @@ def main() -> None:
             )
         ).all()
         print("outbox:", [(str(m), t, s) for m, t, s in outbox_rows])
-    asyncio.run(show_delivery(engine))
     engine.dispose()
+    asyncio.run(relay_and_receive(url))
+    with sa.create_engine(url).connect() as conn:
+        print(
+            "outbox after the relay:",
+            conn.execute(sa.select(outbox.outbox_table.c.status)).scalars().all(),
+        )
 
 
 if __name__ == "__main__":
