@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import outbox
+from outbox.logs import redact_url
 
 # The broker contract suite lives in a plain module; let pytest explain its failed asserts.
 pytest.register_assert_rewrite("broker_contract")
@@ -39,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _service_missing(what: str, url: str, error: object) -> None:
-    message = f"{what} is not reachable at {url}: {error}"
+    message = f"{what} is not reachable at {redact_url(url)}: {error}"
     if IN_CI:
         pytest.fail(f"{message} (CI=true: a missing service fails the run)", pytrace=False)
     pytest.skip(message)
