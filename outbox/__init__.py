@@ -16,25 +16,31 @@ from outbox.errors import (
     OutboxError,
     TransactionRequiredError,
 )
+from outbox.half import AsyncHalfMessage, AsyncOutbox, HalfMessage, Outbox, Verdict
 from outbox.message import HeaderValue, Message
 from outbox.producer import Producer, ProducerConfig, publish
 from outbox.tables import MessageStatus, inbox_table, metadata, outbox_table, receipt_table
 
 __all__ = [
     "JSON",
+    "AsyncHalfMessage",
+    "AsyncOutbox",
     "Codec",
     "ConfigurationError",
     "DatabaseError",
     "DuplicateMessageError",
+    "HalfMessage",
     "HeaderValue",
     "InvalidMessageError",
     "JsonCodec",
     "Message",
     "MessageStatus",
+    "Outbox",
     "OutboxError",
     "Producer",
     "ProducerConfig",
     "TransactionRequiredError",
+    "Verdict",
     "inbox_table",
     "metadata",
     "outbox_table",

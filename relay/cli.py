@@ -17,6 +17,8 @@ from relay.relay import Relay
 if TYPE_CHECKING:
     from datetime import timedelta
 
+    from relay.checkbacks import CheckbackSource
+
 __all__ = ["relay"]
 
 _POLICIES = [p.value for p in UnroutablePolicy]
@@ -73,6 +75,12 @@ def _unroutable(values: tuple[str, ...]) -> dict[str, UnroutablePolicy]:
     type=click.Choice(_POLICIES),
     default=UnroutablePolicy.RETRY.value,
 )
+@_opt("--check-interval", "OUTBOX_CHECK_INTERVAL", type=DURATION, default="500ms")
+@_opt("--check-timeout", "OUTBOX_CHECK_TIMEOUT", type=DURATION, default="10s")
+@_opt("--check-concurrency", "OUTBOX_CHECK_CONCURRENCY", type=click.IntRange(1, 256), default=8)
+@_opt("--max-checks", "OUTBOX_MAX_CHECKS", type=click.IntRange(1), default=15)
+@_opt("--check-retry-base", "OUTBOX_CHECK_RETRY_BASE", type=DURATION, default="10s")
+@_opt("--check-retry-max", "OUTBOX_CHECK_RETRY_MAX", type=DURATION, default="10m")
 @_opt("--retention", "OUTBOX_RETENTION", type=DURATION, default="7d")
 @_opt("--metrics-port", "OUTBOX_METRICS_PORT", type=click.IntRange(0, 65535), default=None)
 @_opt("--shutdown-timeout", "OUTBOX_SHUTDOWN_TIMEOUT", type=DURATION, default="20s")
@@ -93,14 +101,27 @@ def relay(
     confirm_timeout: timedelta,
     unroutable: tuple[str, ...],
     unroutable_default: str,
+    check_interval: timedelta,
+    check_timeout: timedelta,
+    check_concurrency: int,
+    max_checks: int,
+    check_retry_base: timedelta,
+    check_retry_max: timedelta,
     retention: timedelta,
     metrics_port: int | None,
     shutdown_timeout: timedelta,
 ) -> None:
     """Publish committed outbox messages to RabbitMQ until SIGTERM or SIGINT."""
+    checkbacks: CheckbackSource | None = None
     if app is not None:
         loaded = import_object(app)
-        get_logger("outbox.relay").info("relay.app_loaded", app=app, type=type(loaded).__name__)
+        log = get_logger("outbox.relay")
+        if callable(getattr(loaded, "checkback_for", None)):
+            checkbacks = loaded
+            topics = getattr(loaded, "checkback_topics", [])
+            log.info("relay.app_loaded", app=app, checkbacks=topics)
+        else:
+            log.warning("relay.app_without_checkbacks", app=app, type=type(loaded).__name__)
     extra: dict[str, Any] = {"relay_id": relay_id} if relay_id else {}
     config = RelayConfig(
         database_url=database_url,
@@ -117,6 +138,12 @@ def relay(
         confirm_timeout=confirm_timeout,
         unroutable=_unroutable(unroutable),
         unroutable_default=UnroutablePolicy(unroutable_default),
+        check_interval=check_interval,
+        check_timeout=check_timeout,
+        check_concurrency=check_concurrency,
+        max_checks=max_checks,
+        check_retry_base=check_retry_base,
+        check_retry_max=check_retry_max,
         retention=retention,
         metrics_port=metrics_port,
         shutdown_timeout=shutdown_timeout,
@@ -126,4 +153,4 @@ def relay(
         config.validate()
     except ConfigurationError as e:
         raise click.UsageError(str(e)) from None
-    asyncio.run(Relay(config).run())
+    asyncio.run(Relay(config, app=checkbacks).run())

@@ -68,6 +68,19 @@ class RelayConfig:
     """Policy for topics no pattern of ``unroutable`` matches."""
     confirm_timeout: timedelta = timedelta(seconds=15)
     """How long to wait for the broker's confirm before counting the attempt as failed."""
+    check_interval: timedelta = timedelta(milliseconds=500)
+    """How often due prepared (half) messages are looked for; also the re-look delay while
+    their local PostgreSQL transaction is still in progress."""
+    check_timeout: timedelta = timedelta(seconds=10)
+    """How long one check-back may take before it counts as unanswered."""
+    check_concurrency: int = 8
+    """Check-backs running at once."""
+    max_checks: int = 15
+    """Unanswered check-backs before a prepared message is parked as ``dead``."""
+    check_retry_base: timedelta = timedelta(seconds=10)
+    """Delay after the first unanswered check-back; doubles per check, with jitter."""
+    check_retry_max: timedelta = timedelta(minutes=10)
+    """Longest delay between check-backs."""
     retention: timedelta = timedelta(days=7)
     """Published and discarded rows older than this are purged."""
     purge_batch: int = 1000
@@ -101,6 +114,8 @@ class RelayConfig:
             "key_lookahead",
             "max_attempts",
             "purge_batch",
+            "check_concurrency",
+            "max_checks",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -114,6 +129,10 @@ class RelayConfig:
             "poll_min",
             "poll_max",
             "confirm_timeout",
+            "check_interval",
+            "check_timeout",
+            "check_retry_base",
+            "check_retry_max",
             "retention",
             "maintenance_interval",
             "gauge_interval",

@@ -46,6 +46,17 @@ class RelayMetrics:
             "(each may be a wire duplicate)",
             registry=r,
         )
+        self.checks = Counter(
+            "outbox_relay_checks",
+            "Check-backs of prepared messages, by result",
+            ["result"],
+            registry=r,
+        )
+        self.prepared_dead = Counter(
+            "outbox_relay_prepared_dead",
+            "Prepared messages parked as dead after max check-backs",
+            registry=r,
+        )
         self.pending = Gauge("outbox_relay_pending", "Pending (deliverable) messages", registry=r)
         self.oldest_age = Gauge(
             "outbox_relay_oldest_pending_age_seconds",

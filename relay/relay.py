@@ -32,6 +32,7 @@ from outbox.envelope import WireFormat
 from outbox.errors import BrokerError, DatabaseError
 from outbox.logs import get_logger
 from outbox.tables import SHARD_COUNT, outbox_table
+from relay.checkbacks import CheckbackSweep
 from relay.config import RelayConfig, UnroutablePolicy
 from relay.metrics import HealthServer, RelayMetrics
 from relay.shards import ShardOwner
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from outbox.broker import Broker
+    from relay.checkbacks import CheckbackSource
 
 __all__ = ["Relay"]
 
@@ -56,6 +58,7 @@ class Relay:
     ``async with Relay(config) as relay: ...`` or ``await relay.run()`` (which also
     stops cleanly on SIGTERM and SIGINT). Give ``broker`` (say, an
     ``InMemoryBroker``) or ``engine`` to use those instead of the configured URLs.
+    ``app`` (an ``outbox.Outbox``) supplies the check-backs of half messages.
     """
 
     def __init__(
@@ -65,8 +68,11 @@ class Relay:
         broker: Broker | None = None,
         engine: AsyncEngine | None = None,
         metrics: RelayMetrics | None = None,
+        app: CheckbackSource | None = None,
     ) -> None:
         config.validate()
+        self._app = app
+        self._sweep: CheckbackSweep | None = None
         self.config = config
         self.metrics = metrics or RelayMetrics()
         self._broker = broker
@@ -117,11 +123,14 @@ class Relay:
         self._store = RelayStore(engine, cfg.relay_id)
         if self._store.postgres:
             self._shards = ShardOwner(engine, cfg.lock_namespace)
+        self._sweep = CheckbackSweep(self._store, cfg, self.metrics, self._app)
+        await self._sweep.start()
         self._log.info("relay.started", **cfg.public())
 
         for worker in range(cfg.keyless_workers):
             self._spawn(f"keyless-{worker}", self._keyless_loop)
         self._spawn("keyed", self._keyed_loop)
+        self._spawn("checkbacks", self._checkback_loop)
         self._spawn("progress", self._progress_loop)
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -171,6 +180,8 @@ class Relay:
                 released = await self._store.release_claims()
         if self._shards is not None:
             await self._shards.close()
+        if self._sweep is not None:
+            self._sweep.close()
         if self._broker is not None:
             await self._broker.close()
         if self._engine is not None and self._owns_engine:
@@ -296,6 +307,13 @@ class Relay:
                 continue
             idle = cfg.poll_min.total_seconds()
             await self._publish_keyed(rows)
+
+    async def _checkback_loop(self) -> None:
+        sweep = self._sweep
+        assert sweep is not None
+        while not self._stopping.is_set():
+            if await sweep.sweep_once() == 0:
+                await self._sleep(self.config.check_interval.total_seconds())
 
     async def _rebalance(self, owner: ShardOwner) -> None:
         taken, given = await owner.rebalance()

@@ -33,10 +33,11 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["Failure", "RelayStore", "Row"]
+__all__ = ["Check", "Failure", "Prepared", "RelayStore", "Row"]
 
 t = outbox_table
 _PENDING = MessageStatus.PENDING.value
+_PREPARED = MessageStatus.PREPARED.value
 
 _COLUMNS = (
     t.c.id,
@@ -69,6 +70,32 @@ class Failure:
     error: str
     retry_in: timedelta | None
     """None: give up, the message becomes ``dead``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A prepared (half) message whose check time has come."""
+
+    id: int
+    checks: int
+    """Check-backs made so far (not counting this one)."""
+    xid: int | None
+    xid_resource: str | None
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What one check of a prepared message decided."""
+
+    row: Prepared
+    outcome: str
+    """``commit``, ``rollback``, ``recheck`` or ``dead``."""
+    checks: int
+    """The row's check count after this check."""
+    error: str | None = None
+    delay: timedelta | None = None
+    """For ``recheck``: when to check again."""
 
 
 class RelayStore:
@@ -179,6 +206,62 @@ class RelayStore:
             .where(t.c.status == _PENDING, t.c.claimed_until < now)
             .values(claimed_by=None, claimed_until=None)
         )
+        due_prepared = (
+            sa.select(t.c.id)
+            .where(t.c.status == _PREPARED, t.c.next_attempt_at <= now)
+            .order_by(t.c.next_attempt_at)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+        )
+        # Same lease trick as for keyless messages: one relay checks a row at a time, and
+        # a relay that dies mid-check leaves the row due again when the lease runs out.
+        self._claim_prepared = (
+            sa.update(t)
+            .where(t.c.id.in_(due_prepared.scalar_subquery()))
+            .values(
+                next_attempt_at=self._later("lease"),
+                claimed_by=self.relay_id,
+                claimed_until=self._later("lease"),
+            )
+            .returning(*_COLUMNS, t.c.checks, t.c.xid, t.c.xid_resource)
+        )
+        settled = {"claimed_by": None, "claimed_until": None, "updated_at": now}
+        prepared_row = sa.and_(t.c.id == bindparam("row_id"), t.c.status == _PREPARED)
+        self._check_commit = (
+            sa.update(t)
+            .where(prepared_row)
+            .values(status=_PENDING, next_attempt_at=now, checks=bindparam("checks"), **settled)
+        )
+        self._check_rollback = (
+            sa.update(t)
+            .where(prepared_row)
+            .values(
+                status=MessageStatus.DISCARDED.value,
+                checks=bindparam("checks"),
+                last_error=bindparam("error"),
+                **settled,
+            )
+        )
+        self._check_again = (
+            sa.update(t)
+            .where(prepared_row)
+            .values(
+                next_attempt_at=self._later("delay"),
+                checks=bindparam("checks"),
+                last_error=bindparam("error"),
+                **settled,
+            )
+        )
+        self._check_dead = (
+            sa.update(t)
+            .where(prepared_row)
+            .values(
+                status=MessageStatus.DEAD.value,
+                checks=bindparam("checks"),
+                last_error=bindparam("error"),
+                **settled,
+            )
+        )
         self._gauges = sa.select(
             func.count(),
             func.min(t.c.created_at),
@@ -231,6 +314,66 @@ class RelayStore:
             {"shards": list(shards), "limit": limit, "lookahead": lookahead, **self._params()},
         )
         return [_row(r, counted=False) for r in result]
+
+    async def claim_prepared(self, limit: int, lease: timedelta) -> list[Prepared]:
+        """Claim up to ``limit`` prepared messages due for a check, for ``lease``."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                self._claim_prepared, {"limit": limit, **self._params(lease=lease)}
+            )
+            return [
+                Prepared(
+                    id=r.id,
+                    checks=r.checks,
+                    xid=r.xid,
+                    xid_resource=r.xid_resource,
+                    envelope=Envelope.from_row(r._mapping),
+                )
+                for r in result
+            ]
+
+    async def cluster_id(self) -> str | None:
+        """The PostgreSQL cluster's system identifier (None on SQLite): where our xids live."""
+        if not self.postgres:
+            return None
+        async with self.engine.connect() as conn:
+            value = await conn.execute(
+                sa.text("SELECT system_identifier::text FROM pg_control_system()")
+            )
+            return str(value.scalar_one())
+
+    async def transaction_status(self, xids: Sequence[int]) -> dict[int, str | None]:
+        """Ask PostgreSQL whether each transaction committed, aborted or is still running.
+
+        ``pg_xact_status`` answers NULL for a transaction too old to be remembered
+        (its commit log was truncated); the caller then asks the application.
+        """
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                sa.text(
+                    "SELECT x, pg_xact_status(x::text::xid8) AS status "
+                    "FROM unnest(CAST(:xids AS bigint[])) AS x"
+                ),
+                {"xids": list(xids)},
+            )
+            return {int(r.x): r.status for r in result}
+
+    async def record_checks(self, checks: Iterable[Check]) -> None:
+        """Apply the outcome of a sweep's checks in one transaction."""
+        statements = {
+            "commit": self._check_commit,
+            "rollback": self._check_rollback,
+            "recheck": self._check_again,
+            "dead": self._check_dead,
+        }
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for c in checks:
+            params: dict[str, Any] = {"row_id": c.row.id, "checks": c.checks, "error": c.error}
+            durations = {"delay": c.delay} if c.delay is not None else {}
+            grouped.setdefault(c.outcome, []).append({**params, **self._params(**durations)})
+        async with self.engine.begin() as conn:
+            for outcome, params_list in grouped.items():
+                await conn.execute(statements[outcome], params_list)
 
     async def gauges(self) -> tuple[int, float]:
         """Return the number of pending messages and the age in seconds of the oldest one."""

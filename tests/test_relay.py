@@ -87,8 +87,10 @@ def statuses(engine: sa.Engine) -> dict[str, int]:
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``predicate`` in a thread: a blocking SQLite read on the event loop would wait
+    for a lock that the relay, on that same loop, could then never release."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await asyncio.to_thread(predicate):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
@@ -173,7 +175,9 @@ async def test_a_retrying_key_holds_back_only_itself(
 
     async with relay_for(engine, broker, **slow_retry):
         await wait_for(lambda: statuses(engine) == {"pending": 1} and attempts(engine) == [1])
-        produce(engine, 9, key=lambda i: "stuck" if i < 3 else ("free" if i < 6 else None))
+        await asyncio.to_thread(
+            produce, engine, 9, key=lambda i: "stuck" if i < 3 else ("free" if i < 6 else None)
+        )
         await wait_for(lambda: len(broker.published) == 6)  # 3 "free" + 3 keyless
         await asyncio.sleep(0.3)
         assert {e.key for e in broker.published} == {"free", None}
