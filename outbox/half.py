@@ -107,10 +107,8 @@ class _Base:
     """What the sync and async outboxes share: the producer and the check-back registry."""
 
     def __init__(self, producer: Producer | None, check_after: timedelta) -> None:
-        if not isinstance(check_after, timedelta) or check_after <= timedelta(0):
-            raise ConfigurationError(
-                f"check_after must be a positive timedelta, got {check_after!r}"
-            )
+        if not isinstance(check_after, timedelta) or check_after < timedelta(0):
+            raise ConfigurationError(f"check_after must be a timedelta >= 0, got {check_after!r}")
         self.producer = producer or Producer()
         self.check_after = check_after
         self._checkbacks = _Registry()
