@@ -10,20 +10,17 @@ design (at-least-once) and printed.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import pytest
 import sqlalchemy as sa
+from fault_support import declare, delete, drain, rabbitmqctl, start_relay
 from sqlalchemy.orm import Session
 
 import outbox
@@ -56,23 +53,12 @@ class Stage:
             self.committed.extend(batch)
 
     def start_relay(self, name: str) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "OUTBOX_DATABASE_URL": self.database_url,
-            "OUTBOX_AMQP_URL": self.amqp_url,
-            "OUTBOX_EXCHANGE": self.exchange,
-            "OUTBOX_RELAY_ID": name,
-            "OUTBOX_LEASE": "4s",
-            "OUTBOX_CONFIRM_TIMEOUT": "3s",
-            "OUTBOX_RETRY_BASE": "100ms",
-            "OUTBOX_RETRY_MAX": "1s",
-            "OUTBOX_MAX_ATTEMPTS": "1000",
-            "OUTBOX_BATCH_SIZE": "200",
-            "OUTBOX_LOG_FORMAT": "json",
-        }
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox", "relay"], env=env, stdout=log, stderr=log
+        proc = start_relay(
+            database_url=self.database_url,
+            amqp_url=self.amqp_url,
+            exchange=self.exchange,
+            name=name,
+            log_dir=self.logs,
         )
         self.relays.append(proc)
         return proc
@@ -135,49 +121,6 @@ class Stage:
                 ).all()
             )
         assert states == {"published": len(expected)}
-
-
-async def drain(amqp_url: str, queue_name: str) -> list[tuple[str, dict[str, object]]]:
-    """Read every message in the queue: (message id, payload with its key)."""
-    connection = await aio_pika.connect(amqp_url)
-    received: list[tuple[str, dict[str, object]]] = []
-    async with connection:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=1000)
-        queue = await channel.get_queue(queue_name)
-        async with queue.iterator() as messages:
-            while True:
-                try:
-                    message = await asyncio.wait_for(anext(messages), 2.0)
-                except TimeoutError:
-                    break
-                body = json.loads(message.body)
-                body["key"] = (message.headers or {}).get("x-outbox-key")
-                received.append((str(message.message_id), body))
-                await message.ack()
-    return received
-
-
-async def declare(amqp_url: str, exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        # Durable classic queue: it and its persistent messages survive a broker restart.
-        q = await channel.declare_queue(queue, durable=True)
-        await q.bind(ex, "#")
-
-
-async def delete(amqp_url: str, exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
-        await channel.exchange_delete(exchange)
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, capture_output=True)
 
 
 @pytest.fixture
