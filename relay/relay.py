@@ -30,11 +30,12 @@ from outbox.broker import PublishOutcome, PublishResult
 from outbox.engines import make_async_engine
 from outbox.envelope import WireFormat
 from outbox.errors import BrokerError, DatabaseError
+from outbox.health import HealthServer
 from outbox.logs import get_logger
 from outbox.tables import SHARD_COUNT, outbox_table
 from relay.checkbacks import CheckbackSweep
 from relay.config import RelayConfig, UnroutablePolicy
-from relay.metrics import HealthServer, RelayMetrics
+from relay.metrics import RelayMetrics
 from relay.shards import ShardOwner
 from relay.store import Failure, RelayStore, Row
 
@@ -151,7 +152,7 @@ class Relay:
         )
         self._scheduler.start()
         if cfg.metrics_port is not None:
-            self._health = HealthServer(self.metrics, self._health_checks, cfg.metrics_port)
+            self._health = HealthServer(self.metrics.render, self._health_checks, cfg.metrics_port)
             await self._health.start()
             self._log.info("relay.http", port=self._health.port, paths=["/metrics", "/healthz"])
 
@@ -181,7 +182,7 @@ class Relay:
         if self._shards is not None:
             await self._shards.close()
         if self._sweep is not None:
-            self._sweep.close()
+            await self._sweep.close()
         if self._broker is not None:
             await self._broker.close()
         if self._engine is not None and self._owns_engine:
