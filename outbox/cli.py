@@ -41,7 +41,7 @@ database_url_option = click.option(
 
 @click.group(
     cls=LazyGroup,
-    lazy={"relay": "relay.cli:relay"},
+    lazy={"relay": "relay.cli:relay", "consume": "consumer.cli:consume"},
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option(

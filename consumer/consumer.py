@@ -1,0 +1,698 @@
+"""``Consumer``: a consumer group's handlers, and the worker that runs them on RabbitMQ.
+
+Per group the worker declares (idempotently):
+
+- ``<prefix>.<group>``: the group's queue, bound to the exchange by every
+  unordered handler's topic pattern;
+- ``<prefix>.<group>.ordered``: for ordered handlers, a single-active-consumer
+  queue: one worker process consumes it at a time, keeps per-key order in
+  process, and another takes over when it dies;
+- ``<prefix>.<group>.retry.<tier>``: delay queues (classic, message TTL) that
+  dead-letter back into the group's queue when the delay has passed;
+- ``<prefix>.<group>.dead``: the dead-letter queue, for an operator.
+
+Each message runs in one database transaction that first inserts the inbox row
+(``consumer.inbox``) and then calls the handler; the transaction commits before
+the message is acknowledged, so a crash in between redelivers a message whose
+inbox row is already there: it is acked without a second effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aio_pika
+import sqlalchemy as sa
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
+from consumer.inbox import inbox_insert, inbox_row, purge_inbox
+from consumer.message import IncomingMessage
+from consumer.metrics import ConsumerMetrics
+from consumer.signals import Reject, Retry
+from outbox.codec import JSON
+from outbox.engines import make_async_engine, make_engine
+from outbox.envelope import Envelope
+from outbox.errors import ConfigurationError, MalformedMessageError
+from outbox.health import HealthServer
+from outbox.logs import get_logger, redact_url
+
+if TYPE_CHECKING:
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractQueue,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+    )
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["Consumer"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ATTEMPT = "x-outbox-attempt"
+TOPIC = "x-outbox-topic"
+DEAD_REASON = "x-outbox-dead-reason"
+LAST_ERROR = "x-outbox-last-error"
+
+_DONE, _DUPLICATE = "done", "duplicate"
+
+
+class Consumer:
+    """A consumer group: register handlers with ``@consumer.handler(topic)``, then run it.
+
+    ``Consumer("billing", database_url=..., amqp_url=...)``; ``engine=`` (a sync
+    engine) may replace ``database_url``. Nothing connects until ``start()``.
+    """
+
+    def __init__(
+        self,
+        group: str,
+        *,
+        database_url: str | None = None,
+        amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        engine: sa.Engine | None = None,
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        self.group = validate_group(group)
+        if database_url is None and engine is None:
+            raise ConfigurationError("Consumer needs database_url= or engine=")
+        self.config = config or ConsumerConfig()
+        self.config.validate()
+        self.amqp_url = amqp_url
+        self._database_url = database_url or engine.url.render_as_string(hide_password=False)  # type: ignore[union-attr]
+        self._engine = engine
+        self._async_engine: AsyncEngine | None = None
+        self.handlers: list[HandlerSpec] = []
+        self.metrics = ConsumerMetrics()
+        self._log = get_logger("outbox.consumer").bind(group=group)
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._threads: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._lanes: dict[str | None, deque[AbstractIncomingMessage]] = {}
+        self._stopping = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+        self._health: HealthServer | None = None
+
+    # -- registration -------------------------------------------------------------------
+
+    def handler(
+        self,
+        topic: str,
+        *,
+        ordered: bool = False,
+        max_attempts: int = 5,
+        retry_delay: timedelta = timedelta(seconds=1),
+        retry_max: timedelta = timedelta(minutes=10),
+        on_exhausted: Exhausted | str = Exhausted.DEAD_LETTER,
+    ) -> Callable[[F], F]:
+        """Register the decorated ``(message, session)`` function for ``topic`` (a pattern).
+
+        ``ordered``: messages with the same key reach it one at a time in queue
+        order; failures are retried in place, and ``on_exhausted`` says what
+        happens after ``max_attempts`` (``dead_letter`` and go on, or ``hold``).
+        Unordered failures wait in delay queues: ``retry_delay`` doubling up to
+        ``retry_max``. Within a group, a message goes to one handler: the one
+        registered for its exact topic, else the first whose pattern matches.
+        """
+
+        def register(function: F) -> F:
+            try:
+                policy = Exhausted(on_exhausted)
+            except ValueError:
+                raise ConfigurationError(
+                    f"on_exhausted must be one of {[e.value for e in Exhausted]}"
+                ) from None
+            spec = HandlerSpec(
+                pattern=topic,
+                function=function,
+                ordered=ordered,
+                max_attempts=max_attempts,
+                retry_delay=retry_delay,
+                retry_max=retry_max,
+                on_exhausted=policy,
+            )
+            spec.validate()
+            if any(h.pattern == topic for h in self.handlers):
+                raise ConfigurationError(
+                    f"group {self.group!r} already has a handler for {topic!r}"
+                )
+            self.handlers.append(spec)
+            return function
+
+        return register
+
+    def handler_for(self, topic: str) -> HandlerSpec | None:
+        """The handler that takes ``topic`` in this group, or None."""
+        for spec in self.handlers:
+            if spec.pattern == topic:
+                return spec
+        return next((h for h in self.handlers if h.matches(topic)), None)
+
+    # -- names --------------------------------------------------------------------------
+
+    @property
+    def queue(self) -> str:
+        """The group's main queue."""
+        return f"{self.config.queue_prefix}.{self.group}"
+
+    @property
+    def ordered_queue(self) -> str:
+        """The group's single-active-consumer queue for ordered handlers."""
+        return f"{self.queue}.ordered"
+
+    @property
+    def dead_queue(self) -> str:
+        """The group's dead-letter queue."""
+        return f"{self.queue}.dead"
+
+    def retry_queue(self, tier: timedelta) -> str:
+        """The delay queue of ``tier``."""
+        return f"{self.queue}.retry.{int(tier.total_seconds() * 1000)}ms"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, declare the topology, and start consuming."""
+        if not self.handlers:
+            raise ConfigurationError(
+                f"group {self.group!r} has no handlers; add @consumer.handler(...)"
+            )
+        self._check_retention()
+        cfg = self.config
+        if self._engine is None:
+            self._engine = make_engine(
+                self._database_url, pool_size=cfg.concurrency, max_overflow=4
+            )
+        self._async_engine = make_async_engine(
+            self._database_url, pool_size=cfg.concurrency, max_overflow=4
+        )
+        self._threads = ThreadPoolExecutor(
+            cfg.concurrency, thread_name_prefix=f"outbox-{self.group}"
+        )
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.amqp_url,
+                client_properties={"connection_name": f"outbox-consumer {self.group}"},
+            )
+        except Exception as e:
+            raise ConfigurationError(
+                f"cannot connect to RabbitMQ at {redact_url(self.amqp_url)}: {e}"
+            ) from None
+        self._publisher = await self._connection.channel(publisher_confirms=True)
+        await self._declare()
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(self._purge, "interval", hours=1, max_instances=1, coalesce=True)
+        self._scheduler.start()
+        if cfg.metrics_port is not None:
+            self._health = HealthServer(self.metrics.render, self._health_checks, cfg.metrics_port)
+            await self._health.start()
+        self._log.info(
+            "consumer.started",
+            queue=self.queue,
+            handlers=[f"{h.pattern}{' (ordered)' if h.ordered else ''}" for h in self.handlers],
+            prefetch=cfg.prefetch,
+            concurrency=cfg.concurrency,
+            amqp_url=redact_url(self.amqp_url),
+            database_url=redact_url(self._database_url),
+        )
+
+    async def stop(self) -> None:
+        """Stop consuming, let in-flight handlers finish (shutdown_timeout), requeue the rest."""
+        self._stopping.set()
+        for queue, tag in self._consuming:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consuming.clear()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self.config.shutdown_timeout.total_seconds())
+        waiting = sum(len(q) for q in self._lanes.values())
+        for lane in self._lanes.values():
+            while lane:
+                message = lane.popleft()
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._health is not None:
+            await self._health.close()
+        if self._connection is not None:
+            await self._connection.close()  # unacknowledged deliveries go back to their queue
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+        self._log.info("consumer.stopped", given_back=waiting)
+
+    async def serve(self) -> None:
+        """Start, consume until SIGTERM or SIGINT, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.start()
+            await self._stopping.wait()
+            self._log.info("consumer.stopping")
+        finally:
+            await self.stop()
+
+    def run(self) -> None:
+        """Run the worker in this process until SIGTERM or SIGINT (blocking)."""
+        asyncio.run(self.serve())
+
+    def configure(self, **overrides: Any) -> None:
+        """Replace configuration values before ``start()`` (the CLI's flags use this)."""
+        if self._connection is not None:
+            raise ConfigurationError("configure() must be called before start()")
+        amqp_url = overrides.pop("amqp_url", None)
+        database_url = overrides.pop("database_url", None)
+        config = replace(self.config, **overrides)
+        config.validate()
+        self.config = config
+        self._slots = asyncio.Semaphore(config.concurrency)
+        if amqp_url:
+            self.amqp_url = amqp_url
+        if database_url:
+            self._database_url = database_url
+            self._engine = None
+
+    # -- topology -----------------------------------------------------------------------
+
+    async def _declare(self) -> None:
+        assert self._connection is not None
+        cfg = self.config
+        channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(
+            cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        durable = {"x-queue-type": cfg.queue_type}
+        await channel.declare_queue(self.dead_queue, durable=True, arguments=durable)
+        for tier in cfg.retry_tiers:
+            await channel.declare_queue(
+                self.retry_queue(tier),
+                durable=True,
+                arguments={
+                    "x-queue-type": "classic",
+                    "x-message-ttl": int(tier.total_seconds() * 1000),
+                    # Expired retries go straight back to the group's queue, not through the
+                    # topic exchange, so other groups never see them again.
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.queue,
+                },
+            )
+        unordered = [h for h in self.handlers if not h.ordered]
+        ordered = [h for h in self.handlers if h.ordered]
+        consume = await self._connection.channel()
+        await consume.set_qos(prefetch_count=cfg.prefetch)
+        # The main queue exists even for a group of ordered handlers only: it is where the
+        # delay queues send retries back, and operators replay dead letters into it.
+        main = await consume.declare_queue(self.queue, durable=True, arguments=durable)
+        for h in unordered:
+            await main.bind(exchange, h.pattern)
+        tag = await main.consume(self._on_message)
+        self._consuming.append((main, tag))
+        if ordered:
+            lanes = await self._connection.channel()
+            await lanes.set_qos(prefetch_count=cfg.prefetch)
+            queue = await lanes.declare_queue(
+                self.ordered_queue,
+                durable=True,
+                arguments={**durable, "x-single-active-consumer": True},
+            )
+            for h in ordered:
+                await queue.bind(exchange, h.pattern)
+            tag = await queue.consume(self._on_ordered)
+            self._consuming.append((queue, tag))
+        await channel.close()
+
+    # -- unordered ----------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping.is_set():
+            await message.nack(requeue=True)
+            return
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle_unordered(message))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle_unordered(self, raw: AbstractIncomingMessage) -> None:
+        try:
+            parsed = self._parse(raw)
+            if isinstance(parsed, str):
+                await self._dead_letter(raw, parsed, attempt=_attempt(raw))
+                return
+            message, spec = parsed
+            try:
+                outcome = await self._execute(spec, message)
+            except Reject as e:
+                await self._dead_letter(
+                    raw, f"rejected: {e.reason}", message.attempt, message.topic
+                )
+                return
+            except Exception as e:
+                await self._failed(raw, spec, message, e)
+                return
+            await self._settle(raw, outcome, message)
+        finally:
+            self._slots.release()
+
+    async def _failed(
+        self,
+        raw: AbstractIncomingMessage,
+        spec: HandlerSpec,
+        message: IncomingMessage,
+        error: Exception,
+    ) -> None:
+        reason = _describe(error)
+        if message.attempt >= spec.max_attempts:
+            await self._dead_letter(
+                raw,
+                f"failed {message.attempt} times; last error: {reason}",
+                message.attempt,
+                message.topic,
+            )
+            return
+        delay = (
+            error.delay
+            if isinstance(error, Retry) and error.delay is not None
+            else spec.backoff(message.attempt)
+        )
+        tier = self.config.tier(delay)
+        if isinstance(error, Retry):
+            self._log.info(
+                "consumer.retry_requested",
+                attempt=message.attempt,
+                delay_s=tier.total_seconds(),
+                **_ids(message),
+            )
+        else:
+            self._log.warning(
+                "consumer.handler_failed",
+                attempt=message.attempt,
+                retry_in_s=tier.total_seconds(),
+                error=reason,
+                **_ids(message),
+            )
+        self.metrics.retries.inc()
+        headers = {
+            **_headers(raw),
+            ATTEMPT: message.attempt + 1,
+            TOPIC: message.topic,
+            LAST_ERROR: reason[:500],
+        }
+        if await self._republish(raw, self.retry_queue(tier), headers):
+            await raw.ack()
+        else:
+            await raw.nack(requeue=True)
+
+    # -- ordered ------------------------------------------------------------------------
+
+    async def _on_ordered(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping.is_set():
+            await message.nack(requeue=True)
+            return
+        key = (message.headers or {}).get("x-outbox-key")
+        lane_key = key if isinstance(key, str) else None
+        if lane_key is None:
+            # No key, no order to keep: handle it on its own, like an unordered one.
+            await self._start_lane(None, message)
+            return
+        lane = self._lanes.get(lane_key)
+        if lane is not None:
+            lane.append(message)  # the lane's task is running and will take it in turn
+            return
+        await self._start_lane(lane_key, message)
+
+    async def _start_lane(self, key: str | None, first: AbstractIncomingMessage) -> None:
+        lane: deque[AbstractIncomingMessage] = deque([first])
+        if key is not None:
+            self._lanes[key] = lane
+        task = asyncio.create_task(self._run_lane(key, lane))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run_lane(self, key: str | None, lane: deque[AbstractIncomingMessage]) -> None:
+        try:
+            while lane and not self._stopping.is_set():
+                raw = lane[0]
+                async with self._slots:
+                    await self._handle_in_place(raw)
+                lane.popleft()
+        finally:
+            if key is not None and self._lanes.get(key) is lane and not lane:
+                del self._lanes[key]
+
+    async def _handle_in_place(self, raw: AbstractIncomingMessage) -> None:
+        """Handle one ordered message, retrying in place so the key's order holds."""
+        parsed = self._parse(raw)
+        if isinstance(parsed, str):
+            await self._dead_letter(raw, parsed, attempt=_attempt(raw))
+            return
+        message, spec = parsed
+        attempt = message.attempt
+        while True:
+            current = _with_attempt(message, attempt)
+            try:
+                outcome = await self._execute(spec, current)
+            except Reject as e:
+                await self._dead_letter(raw, f"rejected: {e.reason}", attempt, message.topic)
+                return
+            except Exception as e:
+                reason = _describe(e)
+                exhausted = attempt >= spec.max_attempts
+                if exhausted and spec.on_exhausted is Exhausted.DEAD_LETTER:
+                    await self._dead_letter(
+                        raw, f"failed {attempt} times; last error: {reason}", attempt, message.topic
+                    )
+                    return
+                delay = (
+                    e.delay
+                    if isinstance(e, Retry) and e.delay is not None
+                    else spec.backoff(attempt)
+                )
+                self.metrics.retries.inc()
+                log = self._log.error if exhausted else self._log.warning
+                log(
+                    "consumer.key_held" if exhausted else "consumer.handler_failed",
+                    attempt=attempt,
+                    retry_in_s=delay.total_seconds(),
+                    error=reason,
+                    **_ids(message),
+                )
+                if await self._sleep(delay.total_seconds()):
+                    await raw.nack(requeue=True)  # stopping: give it back, order intact
+                    return
+                attempt += 1
+                continue
+            await self._settle(raw, outcome, current)
+            return
+
+    # -- shared steps -------------------------------------------------------------------
+
+    def _parse(self, raw: AbstractIncomingMessage) -> tuple[IncomingMessage, HandlerSpec] | str:
+        """The message and its handler, or the reason it goes to the dead-letter queue."""
+        headers = dict(raw.headers or {})
+        topic = headers.get(TOPIC) or raw.routing_key
+        if isinstance(topic, bytes):
+            topic = topic.decode(errors="replace")
+        try:
+            envelope = Envelope.from_amqp(
+                body=raw.body,
+                routing_key=str(topic),
+                message_id=raw.message_id,
+                content_type=raw.content_type,
+                headers=headers,
+                timestamp=raw.timestamp,
+            )
+            decoded = envelope.decode({JSON.content_type: JSON})
+        except MalformedMessageError as e:
+            self.metrics.malformed.inc()
+            return f"malformed: {e}"
+        spec = self.handler_for(envelope.topic)
+        if spec is None:
+            return f"no handler in group {self.group!r} for topic {envelope.topic!r}"
+        message = IncomingMessage(
+            message_id=decoded.message_id,
+            topic=decoded.topic,
+            key=decoded.key,
+            payload=decoded.payload,
+            headers={k: v for k, v in decoded.headers.items() if not k.startswith("x-outbox-")},
+            created_at=decoded.created_at,
+            attempt=_attempt(raw),
+            redelivered=bool(raw.redelivered),
+        )
+        return message, spec
+
+    async def _execute(self, spec: HandlerSpec, message: IncomingMessage) -> str:
+        """Run the handler in one transaction with the inbox row; return done or duplicate."""
+        started = time.perf_counter()
+        try:
+            if spec.is_async:
+                return await self._execute_async(spec, message)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, self._execute_sync, spec, message)
+        finally:
+            self.metrics.duration.observe(time.perf_counter() - started)
+
+    def _execute_sync(self, spec: HandlerSpec, message: IncomingMessage) -> str:
+        assert self._engine is not None
+        with Session(self._engine) as session, session.begin():
+            conn = session.connection()
+            row = inbox_row(self.group, uuid.UUID(message.message_id), message.topic)
+            if conn.execute(inbox_insert(conn.dialect.name), row).first() is None:
+                return _DUPLICATE
+            spec.function(message, session)
+        return _DONE
+
+    async def _execute_async(self, spec: HandlerSpec, message: IncomingMessage) -> str:
+        assert self._async_engine is not None
+        async with AsyncSession(self._async_engine) as session, session.begin():
+            conn = await session.connection()
+            row = inbox_row(self.group, uuid.UUID(message.message_id), message.topic)
+            if (await conn.execute(inbox_insert(conn.dialect.name), row)).first() is None:
+                return _DUPLICATE
+            await spec.function(message, session)
+        return _DONE
+
+    async def _settle(
+        self, raw: AbstractIncomingMessage, outcome: str, message: IncomingMessage
+    ) -> None:
+        if outcome == _DUPLICATE:
+            self.metrics.duplicates.inc()
+            self._log.info("consumer.duplicate", **_ids(message))
+        else:
+            self.metrics.processed.inc()
+            self._log.debug("consumer.processed", attempt=message.attempt, **_ids(message))
+        try:
+            await raw.ack()
+        except Exception as e:
+            self._log.warning("consumer.ack_failed", error=str(e)[:200], **_ids(message))
+
+    async def _dead_letter(
+        self, raw: AbstractIncomingMessage, reason: str, attempt: int, topic: str | None = None
+    ) -> None:
+        headers = {
+            **_headers(raw),
+            DEAD_REASON: reason[:1000],
+            ATTEMPT: attempt,
+            TOPIC: topic or raw.routing_key or "",
+            "x-outbox-group": self.group,
+            "x-outbox-dead-at": datetime.now(UTC).isoformat(),
+        }
+        self.metrics.dead.inc()
+        self._log.error(
+            "consumer.dead_lettered",
+            reason=reason[:300],
+            message_id=raw.message_id,
+            topic=topic,
+            attempt=attempt,
+        )
+        if await self._republish(raw, self.dead_queue, headers):
+            await raw.ack()
+        else:
+            await raw.nack(requeue=True)
+
+    async def _republish(
+        self, raw: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> bool:
+        """Send a copy of ``raw`` to ``queue`` with publisher confirms; True once confirmed."""
+        assert self._publisher is not None
+        copy = aio_pika.Message(
+            raw.body,
+            headers=headers,
+            content_type=raw.content_type,
+            message_id=raw.message_id,
+            timestamp=raw.timestamp,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._publisher.default_exchange.publish(copy, routing_key=queue, timeout=15)
+        except Exception as e:
+            self._log.warning("consumer.republish_failed", queue=queue, error=str(e)[:200])
+            return False
+        return True
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep; return True if the consumer is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def _purge(self) -> None:
+        assert self._async_engine is not None
+        try:
+            purged = await purge_inbox(self._async_engine, self.group, self.config.inbox_retention)
+        except Exception as e:
+            self._log.warning("consumer.inbox_purge_failed", error=str(e)[:200])
+            return
+        if purged:
+            self._log.info("consumer.inbox_purged", rows=purged)
+
+    def _check_retention(self) -> None:
+        """The inbox must remember a message at least as long as it can come back."""
+        horizon = self.config.replay_window
+        for h in self.handlers:
+            retries = sum(
+                (self.config.tier(h.backoff(n)) for n in range(1, h.max_attempts)), timedelta()
+            )
+            horizon = max(horizon, self.config.replay_window + retries)
+        if self.config.inbox_retention <= horizon:
+            raise ConfigurationError(
+                f"inbox_retention ({self.config.inbox_retention}) must exceed the longest "
+                f"redelivery horizon ({horizon}: retries plus the replay window), or a late "
+                "copy of a message would be handled twice"
+            )
+
+    async def _health_checks(self) -> dict[str, bool]:
+        database = True
+        try:
+            assert self._async_engine is not None
+            async with self._async_engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), 2)
+        except Exception:
+            database = False
+        broker = self._connection is not None and not self._connection.is_closed
+        return {"database": database, "broker": broker}
+
+
+def _attempt(raw: AbstractIncomingMessage) -> int:
+    value = (raw.headers or {}).get(ATTEMPT, 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def _headers(raw: AbstractIncomingMessage) -> dict[str, Any]:
+    return dict(raw.headers or {})
+
+
+def _with_attempt(message: IncomingMessage, attempt: int) -> IncomingMessage:
+    from dataclasses import replace
+
+    return message if message.attempt == attempt else replace(message, attempt=attempt)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, Retry):
+        return f"retry requested: {error.reason}"
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def _ids(message: IncomingMessage) -> dict[str, Any]:
+    return {"message_id": message.message_id, "topic": message.topic, "key": message.key}

@@ -1,0 +1,72 @@
+"""The inbox: the row that makes a handler's effects happen once per message and group.
+
+The row is inserted first, in the handler's own transaction, with ``ON CONFLICT
+DO NOTHING``: if another copy of the message was already handled (or is being
+handled right now: the unique index makes the second insert wait for the first
+transaction), nothing is inserted and the handler is not called. The handler's
+writes and the inbox row then commit together, before the message is acked.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from outbox.tables import inbox_table
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["inbox_insert", "purge_inbox"]
+
+_INSERTS: dict[str, Any] = {}
+
+
+def inbox_insert(dialect: str) -> Any:
+    """The inbox INSERT for ``dialect`` (PostgreSQL or SQLite): returns the new row's id, or no
+    row at all when this group has seen the message already."""
+    stmt = _INSERTS.get(dialect)
+    if stmt is None:
+        module: Any = postgresql if dialect == "postgresql" else sqlite
+        # RETURNING, not rowcount: drivers do not all report a row count for INSERT.
+        stmt = (
+            module.insert(inbox_table)
+            .on_conflict_do_nothing(index_elements=["consumer_group", "message_id"])
+            .returning(inbox_table.c.id)
+        )
+        _INSERTS[dialect] = stmt
+    return stmt
+
+
+def inbox_row(group: str, message_id: Any, topic: str) -> dict[str, Any]:
+    """The values of one inbox row."""
+    return {
+        "consumer_group": group,
+        "message_id": message_id,
+        "topic": topic,
+        "processed_at": datetime.now(UTC),
+    }
+
+
+async def purge_inbox(
+    engine: AsyncEngine, group: str, older_than: timedelta, batch: int = 5000
+) -> int:
+    """Delete this group's inbox rows older than ``older_than``, in batches; return how many."""
+    t = inbox_table
+    cutoff = datetime.now(UTC) - older_than
+    old = (
+        sa.select(t.c.id)
+        .where(t.c.consumer_group == group, t.c.processed_at < cutoff)
+        .limit(batch)
+        .scalar_subquery()
+    )
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            deleted = (await conn.execute(sa.delete(t).where(t.c.id.in_(old)))).rowcount
+        total += deleted
+        if deleted < batch:
+            return total
