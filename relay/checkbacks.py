@@ -8,9 +8,10 @@ keyless messages) and resolved:
    (``pg_xact_status``): committed -> deliverable, aborted -> discarded, in
    progress -> look again shortly (not counted as a check). No application code.
 2. Otherwise (no xid, another cluster, or an xid too old to be remembered) the
-   check-back registered for the topic is called, with a timeout and bounded
-   concurrency: ``COMMIT`` -> deliverable, ``ROLLBACK`` -> discarded; ``UNKNOWN``,
-   an exception or a timeout -> checked again with backoff.
+   check-back registered for the topic is called (the ``--app``'s, or else the
+   producer's endpoint from ``remote_checkbacks`` over signed HTTP), with a timeout
+   and bounded concurrency: ``COMMIT`` -> deliverable, ``ROLLBACK`` -> discarded;
+   ``UNKNOWN``, an exception or a timeout -> checked again with backoff.
 3. After ``max_checks`` checks without an answer the message becomes ``dead``
    with the reason, an error log line and a metric. Never a silent drop.
 """
@@ -18,6 +19,7 @@ keyless messages) and resolved:
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from outbox.codec import JSON, Codec
 from outbox.errors import MalformedMessageError
 from outbox.half import Verdict
 from outbox.logs import get_logger
+from relay.remote_checkback import RemoteCheckbacks
 from relay.store import Check, Prepared
 
 if TYPE_CHECKING:
@@ -71,15 +74,27 @@ class CheckbackSweep:
         )
         codec = getattr(getattr(getattr(app, "producer", None), "config", None), "codec", JSON)
         self._codecs: dict[str, Codec] = {JSON.content_type: JSON, codec.content_type: codec}
+        self._remote = (
+            RemoteCheckbacks(
+                config.remote_checkbacks,
+                secret=config.checkback_secret or "",
+                timeout=config.check_timeout,
+            )
+            if config.remote_checkbacks
+            else None
+        )
         self._log = get_logger("outbox.relay").bind(relay_id=config.relay_id)
 
     async def start(self) -> None:
         """Learn which PostgreSQL cluster this relay can answer transaction ids for."""
         self._cluster = await self._store.cluster_id()
 
-    def close(self) -> None:
-        """Stop the check-back threads (a hanging check-back is abandoned, not joined)."""
+    async def close(self) -> None:
+        """Stop the check-back threads (a hanging check-back is abandoned, not joined) and
+        close the remote check-backs' HTTP client."""
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._remote is not None:
+            await self._remote.close()
 
     async def sweep_once(self) -> int:
         """Resolve one batch of due prepared messages; return how many were looked at."""
@@ -132,9 +147,17 @@ class CheckbackSweep:
     async def _ask_application(self, row: Prepared) -> tuple[Verdict, str]:
         topic = row.envelope.topic
         function = self._app.checkback_for(topic) if self._app is not None else None
+        if function is None and self._remote is not None:
+            # A local check-back wins (no network); a remote one runs like any async
+            # check-back: the same limit, timeout, metrics and error mapping.
+            url = self._remote.find(topic)
+            if url is not None:
+                function = functools.partial(self._remote.ask, url)
         if function is None:
             self._metrics.checks.labels(result="no_checkback").inc()
-            return Verdict.UNKNOWN, f"no check-back registered for topic {topic!r} (--app)"
+            return Verdict.UNKNOWN, (
+                f"no check-back registered for topic {topic!r} (--app or --remote-checkback)"
+            )
         try:
             message = row.envelope.decode(self._codecs)
         except MalformedMessageError as e:

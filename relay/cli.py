@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +49,21 @@ def _unroutable(values: tuple[str, ...]) -> dict[str, UnroutablePolicy]:
     return policies
 
 
+def _remote_checkbacks(values: tuple[str, ...]) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for item in values:
+        for entry in item.split():  # the environment variable holds them space-separated
+            pattern, sep, url = entry.partition("=")  # a pattern has no '=', a URL may
+            if not sep or not pattern or not url:
+                raise click.BadParameter(
+                    f"{entry!r}: use TOPIC_PATTERN=URL, like 'payments.*=http://payments:8088"
+                    "/outbox/checkback'",
+                    param_hint="--remote-checkback",
+                )
+            routes[pattern] = url
+    return routes
+
+
 @click.command()
 @_opt("--database-url", "OUTBOX_DATABASE_URL", required=True, help="The outbox database.")
 @_opt("--amqp-url", "OUTBOX_AMQP_URL", default="amqp://guest:guest@127.0.0.1:5672/")
@@ -81,6 +97,20 @@ def _unroutable(values: tuple[str, ...]) -> dict[str, UnroutablePolicy]:
 @_opt("--max-checks", "OUTBOX_MAX_CHECKS", type=click.IntRange(1), default=15)
 @_opt("--check-retry-base", "OUTBOX_CHECK_RETRY_BASE", type=DURATION, default="10s")
 @_opt("--check-retry-max", "OUTBOX_CHECK_RETRY_MAX", type=DURATION, default="10m")
+@_opt(
+    "--remote-checkback",
+    "OUTBOX_REMOTE_CHECKBACK",
+    multiple=True,
+    help="TOPIC_PATTERN=URL of a producer's check-back endpoint, asked over signed HTTP "
+    "when --app has no check-back for the topic; repeatable, first match wins.",
+)
+@_opt(
+    "--checkback-secret-env",
+    "OUTBOX_CHECKBACK_SECRET_ENV",
+    default="OUTBOX_CHECKBACK_SECRET",
+    help="Name of the environment variable holding the remote check-backs' shared secret "
+    "(never on the command line, where ps would show it).",
+)
 @_opt("--retention", "OUTBOX_RETENTION", type=DURATION, default="7d")
 @_opt("--metrics-port", "OUTBOX_METRICS_PORT", type=click.IntRange(0, 65535), default=None)
 @_opt("--shutdown-timeout", "OUTBOX_SHUTDOWN_TIMEOUT", type=DURATION, default="20s")
@@ -107,6 +137,8 @@ def relay(
     max_checks: int,
     check_retry_base: timedelta,
     check_retry_max: timedelta,
+    remote_checkback: tuple[str, ...],
+    checkback_secret_env: str,
     retention: timedelta,
     metrics_port: int | None,
     shutdown_timeout: timedelta,
@@ -122,6 +154,13 @@ def relay(
             log.info("relay.app_loaded", app=app, checkbacks=topics)
         else:
             log.warning("relay.app_without_checkbacks", app=app, type=type(loaded).__name__)
+    remote = _remote_checkbacks(remote_checkback)
+    secret = os.environ.get(checkback_secret_env) if remote else None
+    if remote and not secret:
+        raise click.UsageError(
+            f"--remote-checkback needs the shared secret in ${checkback_secret_env} "
+            "(the one the producer's CheckbackServer uses)"
+        )
     extra: dict[str, Any] = {"relay_id": relay_id} if relay_id else {}
     config = RelayConfig(
         database_url=database_url,
@@ -144,6 +183,8 @@ def relay(
         max_checks=max_checks,
         check_retry_base=check_retry_base,
         check_retry_max=check_retry_max,
+        remote_checkbacks=remote,
+        checkback_secret=secret,
         retention=retention,
         metrics_port=metrics_port,
         shutdown_timeout=shutdown_timeout,

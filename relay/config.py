@@ -8,7 +8,9 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from urllib.parse import urlsplit
 
+from outbox.checkback_server import check_secret
 from outbox.errors import ConfigurationError
 from outbox.topics import topic_matches, validate_pattern
 
@@ -81,6 +83,12 @@ class RelayConfig:
     """Delay after the first unanswered check-back; doubles per check, with jitter."""
     check_retry_max: timedelta = timedelta(minutes=10)
     """Longest delay between check-backs."""
+    remote_checkbacks: Mapping[str, str] = field(default_factory=dict)
+    """Topic pattern -> ``http(s)`` URL of a producer's ``CheckbackServer``, asked when no
+    check-back of ``--app`` answers for the topic; the first matching pattern wins."""
+    checkback_secret: str | None = field(default=None, repr=False)
+    """The secret remote check-backs are signed with; required with ``remote_checkbacks``.
+    Kept out of ``repr`` and ``public()``."""
     retention: timedelta = timedelta(days=7)
     """Published and discarded rows older than this are purged."""
     purge_batch: int = 1000
@@ -162,6 +170,22 @@ class RelayConfig:
                     f"unroutable policy for {pattern!r} must be one of "
                     f"{[p.value for p in UnroutablePolicy]}, got {policy!r}"
                 )
+        for pattern, url in self.remote_checkbacks.items():
+            try:
+                validate_pattern(pattern)
+            except ValueError as e:
+                raise ConfigurationError(f"remote_checkbacks: {e}") from None
+            try:
+                parts = urlsplit(url)
+                usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except (TypeError, ValueError, AttributeError):
+                usable = False
+            if not usable:
+                raise ConfigurationError(
+                    f"remote_checkbacks: the URL for {pattern!r} must be http(s)://host/path"
+                )
+        if self.remote_checkbacks:
+            check_secret(self.checkback_secret, "checkback_secret (OUTBOX_CHECKBACK_SECRET)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics_port must be 0-65535, got {self.metrics_port}")
 
@@ -181,6 +205,10 @@ class RelayConfig:
             value = getattr(self, name)
             if name.endswith("_url"):
                 value = redact_url(value)
+            elif name == "checkback_secret":
+                value = None if value is None else "***"
+            elif name == "remote_checkbacks":
+                value = {pattern: redact_url(url) for pattern, url in value.items()}
             elif isinstance(value, timedelta):
                 value = value.total_seconds()
             elif isinstance(value, Mapping):
