@@ -41,7 +41,7 @@ class World:
             shutdown_timeout=timedelta(seconds=5),
         )
         with engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE effect (message_id text, note text)"))
+            conn.execute(sa.text("CREATE TABLE effect (seq bigserial, message_id text, note text)"))
         self.consumers: list[Consumer] = []
 
     def consumer(self, group: str = "billing") -> Consumer:
@@ -76,7 +76,7 @@ class World:
         with self.engine.connect() as conn:
             return [
                 (r.message_id, r.note)
-                for r in conn.execute(sa.text("SELECT message_id, note FROM effect"))
+                for r in conn.execute(sa.text("SELECT message_id, note FROM effect ORDER BY seq"))
             ]
 
     async def dead_letters(self, consumer: Consumer) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -126,7 +126,8 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
 
 def record(session: Session, message: IncomingMessage, note: str = "") -> None:
     session.execute(
-        sa.text("INSERT INTO effect VALUES (:id, :note)"), {"id": message.message_id, "note": note}
+        sa.text("INSERT INTO effect (message_id, note) VALUES (:id, :note)"),
+        {"id": message.message_id, "note": note},
     )
 
 
@@ -290,7 +291,8 @@ async def test_async_handlers_get_an_async_session(world: World) -> None:
     @consumer.handler("orders.created")
     async def handle(message: IncomingMessage, session: AsyncSession) -> None:
         await session.execute(
-            sa.text("INSERT INTO effect VALUES (:id, 'async')"), {"id": message.message_id}
+            sa.text("INSERT INTO effect (message_id, note) VALUES (:id, 'async')"),
+            {"id": message.message_id},
         )
 
     await consumer.start()
