@@ -45,6 +45,8 @@ class HandlerSpec:
     retry_delay: timedelta = timedelta(seconds=1)
     retry_max: timedelta = timedelta(minutes=10)
     on_exhausted: Exhausted = Exhausted.DEAD_LETTER
+    django_using: str | None = None
+    """Run with Django's ORM on this database alias (the handler takes ``(message)``)."""
 
     @property
     def is_async(self) -> bool:
@@ -72,6 +74,8 @@ class HandlerSpec:
                 raise ConfigurationError(f"{name} must be a positive timedelta, got {value!r}")
         if self.retry_max < self.retry_delay:
             raise ConfigurationError("retry_max must not be shorter than retry_delay")
+        if self.django_using is not None and self.is_async:
+            raise ConfigurationError("django=True handlers must be plain functions, not async")
         if not isinstance(self.on_exhausted, Exhausted):
             raise ConfigurationError(
                 f"on_exhausted must be one of {[e.value for e in Exhausted]}, "

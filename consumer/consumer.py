@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
+from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_row, purge_inbox
 from consumer.message import IncomingMessage
 from consumer.metrics import ConsumerMetrics
@@ -120,6 +121,8 @@ class Consumer:
         retry_delay: timedelta = timedelta(seconds=1),
         retry_max: timedelta = timedelta(minutes=10),
         on_exhausted: Exhausted | str = Exhausted.DEAD_LETTER,
+        django: bool = False,
+        using: str = "default",
     ) -> Callable[[F], F]:
         """Register the decorated ``(message, session)`` function for ``topic`` (a pattern).
 
@@ -129,6 +132,8 @@ class Consumer:
         Unordered failures wait in delay queues: ``retry_delay`` doubling up to
         ``retry_max``. Within a group, a message goes to one handler: the one
         registered for its exact topic, else the first whose pattern matches.
+        ``django=True`` runs a ``(message)`` handler with Django's ORM in
+        ``transaction.atomic(using=using)``, the inbox row written through Django.
         """
 
         def register(function: F) -> F:
@@ -146,6 +151,7 @@ class Consumer:
                 retry_delay=retry_delay,
                 retry_max=retry_max,
                 on_exhausted=policy,
+                django_using=using if django else None,
             )
             spec.validate()
             if any(h.pattern == topic for h in self.handlers):
@@ -553,6 +559,9 @@ class Consumer:
             self.metrics.duration.observe(time.perf_counter() - started)
 
     def _execute_sync(self, spec: HandlerSpec, message: IncomingMessage) -> str:
+        if spec.django_using is not None:
+            handled = run_django_handler(self.group, spec, message)
+            return _DONE if handled else _DUPLICATE
         assert self._engine is not None
         with Session(self._engine) as session, session.begin():
             conn = session.connection()

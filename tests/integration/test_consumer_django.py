@@ -1,0 +1,73 @@
+"""A consumer handler running with Django's ORM: inbox row and writes in one atomic block."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from django_setup import BUSINESS_TABLE, fixture_django_db  # noqa: F401  (the fixture)
+from test_consumer import World
+
+from consumer import Consumer, IncomingMessage
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_django_handler_has_one_effect_and_rolls_back_on_failure(
+    django_db: str, pg_url: str, amqp_url: str, unique_name: str
+) -> None:
+    from django.db import connection
+
+    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={django_db}"})
+    schema_url = url.render_as_string(hide_password=False)
+    engine = sa.create_engine(schema_url)
+    world = World(engine, schema_url, amqp_url, unique_name)
+    consumer: Consumer = world.consumer("django_group")
+    ids = itertools.count(1_000_000)
+    failures: list[str] = []
+
+    @consumer.handler("orders.*", django=True, retry_delay=timedelta(milliseconds=50))
+    def handle(message: IncomingMessage) -> None:
+        with connection.cursor() as cursor:  # Django's connection, inside the consumer's atomic()
+            cursor.execute(
+                f"INSERT INTO {BUSINESS_TABLE} VALUES (%s, %s)", [next(ids), message.message_id]
+            )
+        if message.topic == "orders.flaky" and message.attempt == 1:
+            failures.append(message.message_id)
+            raise ConnectionError("first attempt fails after writing")
+
+    def notes() -> list[str]:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.text(f"SELECT note FROM {BUSINESS_TABLE} WHERE id >= 1000000")
+                ).scalars()
+            )
+
+    try:
+        await consumer.start()
+        once = await world.send("orders.created", {})
+        await world.send("orders.created", {}, message_id=once)  # a wire duplicate
+        flaky = await world.send("orders.flaky", {})
+        await wait_for(lambda: sorted(notes()) == sorted([once, flaky]))
+        await wait_for(lambda: consumer.metrics.duplicates._value.get() == 1)
+        assert failures == [flaky]  # its first attempt's write was rolled back with the inbox row
+    finally:
+        await consumer.stop()
+        await world.cleanup()
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE effect"))
+            conn.execute(sa.text(f"DELETE FROM {BUSINESS_TABLE} WHERE id >= 1000000"))
+        engine.dispose()
