@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 import time
 import uuid
@@ -49,6 +50,7 @@ from outbox.envelope import Envelope
 from outbox.errors import ConfigurationError, MalformedMessageError
 from outbox.health import HealthServer
 from outbox.logs import get_logger, redact_url
+from outbox.tracing import consume_span
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -551,10 +553,15 @@ class Consumer:
         """Run the handler in one transaction with the inbox row; return done or duplicate."""
         started = time.perf_counter()
         try:
-            if spec.is_async:
-                return await self._execute_async(spec, message)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._threads, self._execute_sync, spec, message)
+            with consume_span(self.group, message.topic, message.message_id, message.headers):
+                if spec.is_async:
+                    return await self._execute_async(spec, message)
+                loop = asyncio.get_running_loop()
+                # The span is current in this task; the thread gets a copy of the context.
+                call = contextvars.copy_context().run
+                return await loop.run_in_executor(
+                    self._threads, call, self._execute_sync, spec, message
+                )
         finally:
             self.metrics.duration.observe(time.perf_counter() - started)
 

@@ -29,6 +29,7 @@ from outbox.errors import (
 from outbox.ids import new_message_uuid
 from outbox.message import Message
 from outbox.tables import MessageStatus, outbox_table, shard_of
+from outbox.tracing import inject_trace_headers
 from outbox.validation import check_message
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ class Producer:
         Raises ``InvalidMessageError`` as ``publish`` does.
         """
         topic, key, checked_headers, mid = check_message(topic, key, headers, message_id)
+        inject_trace_headers(checked_headers)
         body = self.config.codec.encode(payload)
         if len(body) > self.config.max_payload_bytes:
             raise InvalidMessageError(
