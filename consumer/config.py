@@ -117,6 +117,9 @@ class ConsumerConfig:
     """Serve ``/metrics`` and ``/healthz`` on this port; None: no HTTP server."""
     shutdown_timeout: timedelta = timedelta(seconds=20)
     """On SIGTERM, how long in-flight handlers may run before the rest is given back."""
+    receipts: bool = True
+    """Send a receipt per outcome (consumed, dead) to ``<exchange>.receipts`` for the relay
+    to record (``outbox status``); best-effort, see ``consumer.receipts``."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

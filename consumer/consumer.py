@@ -9,7 +9,9 @@ Per group the worker declares (idempotently):
   process, and another takes over when it dies;
 - ``<prefix>.<group>.retry.<tier>``: delay queues (classic, message TTL) that
   dead-letter back into the group's queue when the delay has passed;
-- ``<prefix>.<group>.dead``: the dead-letter queue, for an operator.
+- ``<prefix>.<group>.dead``: the dead-letter queue, for an operator;
+- ``<exchange>.receipts``: the exchange its receipts go to after each outcome
+  (``consumer.receipts``; best-effort, off with ``receipts=False``).
 
 Each message runs in one database transaction that first inserts the inbox row
 (``consumer.inbox``) and then calls the handler; the transaction commits before
@@ -43,6 +45,7 @@ from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_row, purge_inbox
 from consumer.message import IncomingMessage
 from consumer.metrics import ConsumerMetrics
+from consumer.receipts import ReceiptPublisher
 from consumer.signals import Reject, Retry
 from outbox.codec import JSON
 from outbox.engines import make_async_engine, make_engine
@@ -111,6 +114,7 @@ class Consumer:
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._health: HealthServer | None = None
+        self._receipts: ReceiptPublisher | None = None
 
     # -- registration -------------------------------------------------------------------
 
@@ -223,6 +227,9 @@ class Consumer:
                 f"cannot connect to RabbitMQ at {redact_url(self.amqp_url)}: {e}"
             ) from None
         self._publisher = await self._connection.channel(publisher_confirms=True)
+        if cfg.receipts:
+            self._receipts = ReceiptPublisher(self.group, cfg.exchange, self.metrics)
+            await self._receipts.start(self._connection, self._publisher)
         await self._declare()
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(self._purge, "interval", hours=1, max_instances=1, coalesce=True)
@@ -261,6 +268,8 @@ class Consumer:
             self._scheduler.shutdown(wait=False)
         if self._health is not None:
             await self._health.close()
+        if self._receipts is not None:
+            await self._receipts.aclose()  # before the channel it publishes on is closed
         if self._connection is not None:
             await self._connection.close()  # unacknowledged deliveries go back to their queue
         if self._threads is not None:
@@ -601,6 +610,9 @@ class Consumer:
             await raw.ack()
         except Exception as e:
             self._log.warning("consumer.ack_failed", error=str(e)[:200], **_ids(message))
+        # Duplicates send none: the copy that committed sent the receipt (best-effort).
+        if outcome == _DONE and self._receipts is not None:
+            self._receipts.send(message.message_id, "consumed")
 
     async def _dead_letter(
         self, raw: AbstractIncomingMessage, reason: str, attempt: int, topic: str | None = None
@@ -622,6 +634,9 @@ class Consumer:
             attempt=attempt,
         )
         if await self._republish(raw, self.dead_queue, headers):
+            # Dead once the broker confirmed the copy in the dead-letter queue.
+            if self._receipts is not None:
+                self._receipts.send(raw.message_id, "dead", reason)
             await raw.ack()
         else:
             await raw.nack(requeue=True)

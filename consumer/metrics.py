@@ -8,7 +8,7 @@ __all__ = ["ConsumerMetrics"]
 
 
 class ConsumerMetrics:
-    """Processed, duplicates, retries, dead and handler duration, in a registry of their own."""
+    """Outcomes, receipts and handler duration of one worker, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -29,6 +29,15 @@ class ConsumerMetrics:
         )
         self.malformed = Counter(
             "outbox_consumer_malformed", "Messages that were not a valid envelope", registry=r
+        )
+        self.receipts_sent = Counter(
+            "outbox_consumer_receipts_sent", "Receipts the broker confirmed", registry=r
+        )
+        self.receipts_dropped = Counter(
+            "outbox_consumer_receipts_dropped",
+            "Receipts given up, by reason (full, unroutable, failed, stopped)",
+            ["reason"],
+            registry=r,
         )
         self.duration = Histogram(
             "outbox_consumer_handler_seconds",

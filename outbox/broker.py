@@ -1,6 +1,7 @@
 """The narrow interface between the framework and a message broker.
 
-The relay needs ``publish``; consumers need ``declare_queue`` and ``consume``.
+The relay needs ``publish`` (and ``declare_queue`` and ``consume`` for receipts);
+consumers need ``declare_queue`` and ``consume``.
 RabbitMQ implements it for production and ``InMemoryBroker`` for unit tests and
 the embedded demo; one contract test suite runs against both.
 """
@@ -92,8 +93,14 @@ class Broker(Protocol):
         """
         ...
 
-    async def declare_queue(self, queue: str, patterns: Sequence[str]) -> None:
-        """Declare a durable queue bound to the exchange by each topic pattern (idempotent)."""
+    async def declare_queue(
+        self, queue: str, patterns: Sequence[str], *, exchange: str | None = None
+    ) -> None:
+        """Declare a durable queue bound to the exchange by each topic pattern (idempotent).
+
+        ``exchange``: bind on that durable topic exchange instead (declared if
+        missing), which ``publish`` never sends to; the relay takes receipts so.
+        """
         ...
 
     def consume(self, queue: str, *, prefetch: int = 32) -> AsyncGenerator[Delivery, None]:

@@ -83,6 +83,8 @@ class MemoryDelivery:
 @dataclass(eq=False)
 class _Queue:
     patterns: list[str] = field(default_factory=list)
+    # Bindings on other exchanges, by exchange name: kept, but ``publish`` never routes there.
+    elsewhere: dict[str, list[str]] = field(default_factory=dict)
     ready: deque[_Entry] = field(default_factory=deque)
     unacked: set[MemoryDelivery] = field(default_factory=set)
     dead_letters: list[Envelope] = field(default_factory=list)
@@ -182,15 +184,24 @@ class InMemoryBroker:
             results.append(PublishResult(envelope.message_id, PublishOutcome.CONFIRMED))
         return results
 
-    async def declare_queue(self, queue: str, patterns: Sequence[str]) -> None:
-        """Create ``queue`` if needed and bind it by each pattern (all checked first)."""
+    async def declare_queue(
+        self, queue: str, patterns: Sequence[str], *, exchange: str | None = None
+    ) -> None:
+        """Create ``queue`` if needed and bind it by each pattern (all checked first).
+
+        With ``exchange``, the bindings are on that other exchange: ``publish`` does
+        not send there, so they route nothing to ``queue``, as on RabbitMQ.
+        """
         for pattern in patterns:
             try:
                 validate_pattern(pattern)
             except ValueError as e:
                 raise ConfigurationError(str(e)) from None
+        if exchange is not None and (not isinstance(exchange, str) or not exchange):
+            raise ConfigurationError("exchange must be a non-empty str or None")
         q = self._queues.setdefault(queue, _Queue())
-        q.patterns.extend(p for p in patterns if p not in q.patterns)
+        bound = q.patterns if exchange is None else q.elsewhere.setdefault(exchange, [])
+        bound.extend(p for p in dict.fromkeys(patterns) if p not in bound)
 
     async def consume(self, queue: str, *, prefetch: int = 32) -> AsyncGenerator[MemoryDelivery]:
         """Yield deliveries from ``queue``, at most ``prefetch`` unacknowledged at a time.

@@ -58,7 +58,7 @@ __all__ = ["RabbitMQBroker", "RabbitMQDelivery"]
 _log = get_logger("outbox.rabbitmq")
 
 _QUEUE_TYPES: Final = ("quorum", "classic")
-_MAX_NAME_BYTES: Final = 255  # AMQP short strings: queue names and routing keys
+_MAX_NAME_BYTES: Final = 255  # AMQP short strings: exchange and queue names, routing keys
 _MAX_PREFETCH: Final = 65535  # basic.qos prefetch-count is a 16-bit field
 _MAX_REASON: Final = 200
 # Errors the driver raises when the connection or a channel is gone or refuses an operation.
@@ -477,12 +477,18 @@ class RabbitMQBroker:
 
     # --- queues ---------------------------------------------------------------------------
 
-    async def declare_queue(self, queue: str, patterns: Sequence[str]) -> None:
+    async def declare_queue(
+        self, queue: str, patterns: Sequence[str], *, exchange: str | None = None
+    ) -> None:
         """Declare durable ``queue`` (``x-queue-type`` per config) bound by each pattern.
 
         Every pattern is checked before anything is declared (``ConfigurationError``).
         Idempotent: declaring again adds bindings and keeps messages. A queue that
         exists with other arguments raises ``BrokerError`` saying so.
+
+        ``exchange``: bind on that exchange instead of the wire format's, declaring
+        it first as a durable topic exchange (``BrokerError`` if it exists otherwise).
+        ``publish`` never sends there; the relay consumes receipts this way.
         """
         for pattern in patterns:
             try:
@@ -490,9 +496,20 @@ class RabbitMQBroker:
             except ValueError as e:
                 raise ConfigurationError(str(e)) from None
         _check_queue_name(queue)
+        if exchange is not None:
+            _check_exchange_name(exchange)
+        target = self._wire.exchange if exchange is None else exchange
         session = self._require_session()
+        declaring_exchange = False
         try:
             async with self._one_shot_channel(session) as channel:
+                if target != self._wire.exchange:
+                    # connect() declared only the wire format's exchange.
+                    declaring_exchange = True
+                    await channel.exchange_declare(
+                        target, exchange_type="topic", durable=True, timeout=self._confirm_timeout
+                    )
+                    declaring_exchange = False
                 await channel.queue_declare(
                     queue,
                     durable=True,
@@ -500,10 +517,13 @@ class RabbitMQBroker:
                     timeout=self._confirm_timeout,
                 )
                 for pattern in dict.fromkeys(patterns):
-                    await channel.queue_bind(
-                        queue, self._wire.exchange, pattern, timeout=self._confirm_timeout
-                    )
+                    await channel.queue_bind(queue, target, pattern, timeout=self._confirm_timeout)
         except ChannelPreconditionFailed as e:
+            if declaring_exchange:
+                raise BrokerError(
+                    f"exchange {target!r} exists with other settings ({self._scrub(e)}); "
+                    "it must be a durable topic exchange"
+                ) from None
             raise BrokerError(
                 f"queue {queue!r} already exists with other arguments ({self._scrub(e)}); "
                 f"delete it, or configure queue_type to match it (now {self._queue_type!r})"
@@ -699,6 +719,11 @@ def _positive_seconds(name: str, value: object) -> float:
     if not isinstance(value, timedelta) or value <= timedelta(0):
         raise ConfigurationError(f"{name} must be a positive timedelta, not {value!r}")
     return value.total_seconds()
+
+
+def _check_exchange_name(exchange: object) -> None:
+    if not isinstance(exchange, str) or not exchange or len(exchange.encode()) > _MAX_NAME_BYTES:
+        raise ConfigurationError(f"exchange name must be a str of 1 to {_MAX_NAME_BYTES} bytes")
 
 
 def _check_queue_name(queue: object) -> None:

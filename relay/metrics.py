@@ -49,6 +49,12 @@ class RelayMetrics:
             "Prepared messages parked as dead after max check-backs",
             registry=r,
         )
+        self.receipts = Counter(
+            "outbox_relay_receipts",
+            "Receipts taken from the receipts queue, by outcome ('malformed': unreadable, dropped)",
+            ["outcome"],
+            registry=r,
+        )
         self.pending = Gauge("outbox_relay_pending", "Pending (deliverable) messages", registry=r)
         self.oldest_age = Gauge(
             "outbox_relay_oldest_pending_age_seconds",

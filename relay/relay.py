@@ -36,6 +36,7 @@ from outbox.tables import SHARD_COUNT, outbox_table
 from relay.checkbacks import CheckbackSweep
 from relay.config import RelayConfig, UnroutablePolicy
 from relay.metrics import RelayMetrics
+from relay.receipts import ReceiptRecorder, carries_receipts
 from relay.shards import ShardOwner
 from relay.store import Failure, RelayStore, Row
 
@@ -133,6 +134,15 @@ class Relay:
         self._spawn("keyed", self._keyed_loop)
         self._spawn("checkbacks", self._checkback_loop)
         self._spawn("progress", self._progress_loop)
+        if carries_receipts(self._broker):
+            receipts = ReceiptRecorder(
+                self._broker,
+                engine,
+                exchange=cfg.exchange,
+                metrics=self.metrics,
+                stopping=self._stopping,
+            )
+            self._spawn("receipts", receipts.run)
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
             self._maintain,

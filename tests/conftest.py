@@ -6,6 +6,7 @@ with ``CI=true``, where it fails: a green CI run must mean the services were the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -73,9 +74,29 @@ def amqp_url() -> str:
 
 
 @pytest.fixture
-def unique_name(request: pytest.FixtureRequest) -> str:
-    """A name no other test uses: for queues, exchanges, consumer groups."""
-    return f"t_{request.node.name[:24]}_{uuid.uuid4().hex[:8]}".replace("[", "_").replace("]", "")
+def unique_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A name no other test uses: for queues, exchanges, consumer groups.
+
+    Consumers and relays declare a receipts exchange and queue named after the
+    exchange; they are removed after the test along with nothing else.
+    """
+    name = f"t_{request.node.name[:24]}_{uuid.uuid4().hex[:8]}".replace("[", "_").replace("]", "")
+    yield name
+    if "amqp_url" in request.fixturenames:
+        asyncio.run(_delete_receipt_objects(AMQP_URL, name))
+
+
+async def _delete_receipt_objects(amqp_url: str, name: str) -> None:
+    import aio_pika
+
+    try:
+        connection = await aio_pika.connect(amqp_url)
+    except Exception:  # the broker is gone: nothing to clean up there
+        return
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{name}.receipts.relay")
+        await channel.exchange_delete(f"{name}.receipts")
 
 
 @pytest.fixture
