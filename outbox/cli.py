@@ -6,9 +6,11 @@ works without importing them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
@@ -17,16 +19,18 @@ from outbox import admin, migrate
 from outbox.cliutil import DURATION, LazyGroup
 from outbox.durations import format_duration
 from outbox.engines import make_engine
-from outbox.errors import OutboxError
+from outbox.errors import ConfigurationError, OutboxError
 from outbox.ids import normalize_message_id
 from outbox.logs import configure_logging, get_logger, redact_url
 from outbox.tables import MessageStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from datetime import datetime, timedelta
 
     import sqlalchemy as sa
+
+    from consumer.deadletters import DeadLetter
 
 __all__ = ["main"]
 
@@ -240,11 +244,192 @@ def _format_status(report: admin.MessageStatusReport) -> str:
 
 @cli.group()
 def dead() -> None:
-    """Inspect, replay and purge messages the relay gave up on (status dead)."""
+    """Inspect, replay and purge messages the relay gave up on (status dead).
+
+    With --group G, work on consumer group G's dead-letter queue instead: the
+    messages its handlers gave up on, with the reason each one died.
+    """
+
+
+# --- `outbox dead ... --group G`: a consumer group's dead-letter queue (consumer/deadletters.py)
+
+dead_database_url_option = click.option(
+    "--database-url",
+    envvar="OUTBOX_DATABASE_URL",
+    show_envvar=True,
+    default=None,
+    help="The outbox database (required unless --group), e.g. postgresql://app@db/app.",
+)
+
+
+def dead_letter_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --group, --prefix and --amqp-url, which switch a `dead` command to a queue."""
+    # --group has no environment variable on purpose: it changes what the command acts
+    # on (queue instead of rows), so it must be visible on the command line.
+    command = click.option(
+        "--amqp-url",
+        envvar="OUTBOX_AMQP_URL",
+        show_envvar=True,
+        default=None,
+        help="With --group: the RabbitMQ broker, e.g. amqp://user@rabbit:5672/.",
+    )(command)
+    command = click.option(
+        "--prefix",
+        envvar="OUTBOX_QUEUE_PREFIX",
+        show_envvar=True,
+        default="outbox",
+        show_default=True,
+        help="With --group: the consumer's queue_prefix (queues are <prefix>.<group>...).",
+    )(command)
+    return click.option(
+        "--group",
+        default=None,
+        help="Work on this consumer group's dead-letter queue (<prefix>.<group>.dead) "
+        "instead of dead outbox rows.",
+    )(command)
+
+
+@dataclass(frozen=True)
+class _DeadLetterQueue:
+    """Where `outbox dead ... --group` works: the broker, the group's dead and main queues."""
+
+    amqp_url: str
+    queue: str
+    main: str
+
+
+def _param(ctx: click.Context, name: str) -> click.Parameter | None:
+    return next((p for p in ctx.command.params if p.name == name), None)
+
+
+def _dead_letter_queue(
+    ctx: click.Context, group: str, prefix: str, amqp_url: str | None, **rows_only: object
+) -> _DeadLetterQueue:
+    """Check the options of a `--group` run; raise ``UsageError`` naming what does not fit."""
+    for name, value in rows_only.items():
+        if value is not None:
+            raise click.UsageError(
+                f"--{name.replace('_', '-')} applies to dead outbox rows only, not with --group"
+            )
+    if not amqp_url:
+        raise click.UsageError("--group needs the broker: give --amqp-url or set OUTBOX_AMQP_URL")
+    # Imported here so that the rest of `outbox` never loads the consumer package.
+    from consumer import deadletters
+
+    try:
+        queue = deadletters.dead_letter_queue(group, prefix)
+        main = deadletters.main_queue(group, prefix)
+    except ConfigurationError as e:
+        raise click.BadParameter(str(e), ctx, _param(ctx, "group")) from None
+    return _DeadLetterQueue(amqp_url, queue, main)
+
+
+def _outbox_rows(ctx: click.Context, database_url: str | None) -> str:
+    """The database URL of a run on dead rows (no --group); refuse queue-only options."""
+    for name in ("prefix", "amqp_url"):
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(
+                f"--{name.replace('_', '-')} applies only with --group (a dead-letter queue)"
+            )
+    if not database_url:
+        raise click.MissingParameter(ctx=ctx, param=_param(ctx, "database_url"))
+    return database_url
+
+
+def _ids(ctx: click.Context, values: tuple[str, ...], *, strict: bool) -> tuple[str, ...]:
+    """The given message ids, each once; ``strict``: all must be UUIDs (outbox rows).
+
+    A dead-letter queue also holds malformed messages whose id is no UUID at all,
+    so there an id that is not a UUID is taken as it is.
+    """
+    ids: list[str] = []
+    for value in values:
+        try:
+            ids.append(normalize_message_id(value))
+        except ValueError as e:
+            if strict:
+                raise click.BadParameter(
+                    f"{e}; a message id looks like 0190a1b2-...", ctx, _param(ctx, "message_ids")
+                ) from e
+            ids.append(value)
+    return tuple(dict.fromkeys(ids))
+
+
+def _dead_letter_selection(action: str, ids: tuple[str, ...], every: bool) -> None:
+    if ids and every:
+        raise click.UsageError("--all selects every dead letter; drop it or the ids")
+    if not ids and not every:
+        raise click.UsageError(f"say which dead letters to {action}: MESSAGE_ID... or --all")
+
+
+def _dead_letters_confirmed(target: _DeadLetterQueue, action: str) -> bool:
+    """Show how many messages the queue holds and ask; False when it holds none."""
+    from consumer.deadletters import count_dead_letters
+
+    total = asyncio.run(count_dead_letters(target.amqp_url, target.queue))
+    if total == 0:
+        click.echo(f"no dead letters in {target.queue}; nothing to {action}")
+        return False
+    question = (
+        f"Replay {total} dead letter(s) from {target.queue} to {target.main}?"
+        if action == "replay"
+        else f"Delete {total} dead letter(s) from {target.queue} for good?"
+    )
+    click.confirm(question, abort=True)
+    return True
+
+
+def _report_dead_letters_left_alone(target: _DeadLetterQueue, ids: tuple[str, ...], n: int) -> None:
+    if ids and n < len(ids):
+        click.echo(
+            f"{len(ids) - n} of the {len(ids)} given id(s) were not in {target.queue} (replayed "
+            "or purged already, held by another command, or never dead-lettered in this group)",
+            err=True,
+        )
+
+
+def _list_dead_letters(target: _DeadLetterQueue, limit: int, as_json: bool) -> None:
+    from consumer.deadletters import count_dead_letters, list_dead_letters
+
+    async def look() -> tuple[int, list[DeadLetter]]:
+        total = await count_dead_letters(target.amqp_url, target.queue)
+        return total, await list_dead_letters(target.amqp_url, target.queue, limit)
+
+    total, letters = asyncio.run(look())
+    if as_json:
+        page = {
+            "queue": target.queue,
+            "ready": total,
+            "dead_letters": [d.to_dict() for d in letters],
+        }
+        click.echo(json.dumps(page, indent=2))
+        return
+    if not letters:
+        click.echo(f"no dead letters in {target.queue}")
+        return
+    click.echo(
+        _table(
+            ("MESSAGE ID", "TOPIC", "KEY", "ATTEMPTS", "DIED", "REASON"),
+            [
+                (
+                    d.message_id or "-",
+                    d.topic or "-",
+                    d.key or "-",
+                    str(d.attempts),
+                    d.dead_at.isoformat(sep=" ", timespec="seconds") if d.dead_at else "-",
+                    _first_line(d.reason, 100),
+                )
+                for d in letters
+            ],
+        )
+    )
+    if len(letters) < total:
+        click.echo(f"the first {len(letters)} of {total} in {target.queue}; more with --limit")
 
 
 @dead.command("list")
-@database_url_option
+@dead_database_url_option
+@dead_letter_options
 @click.option("--topic", default=None, help="Only messages of this topic.")
 @click.option(
     "--limit",
@@ -260,10 +445,29 @@ def dead() -> None:
     help="Next page: only messages with a row id below this (the last ID shown).",
 )
 @json_option
+@click.pass_context
 def dead_list(
-    database_url: str, topic: str | None, limit: int, before_id: int | None, as_json: bool
+    ctx: click.Context,
+    database_url: str | None,
+    group: str | None,
+    prefix: str,
+    amqp_url: str | None,
+    topic: str | None,
+    limit: int,
+    before_id: int | None,
+    as_json: bool,
 ) -> None:
-    """List dead messages, newest first, with why each one died."""
+    """List dead messages, newest first, with why each one died.
+
+    With --group: the group's dead-letter queue from its head, in queue order.
+    Looking takes nothing away, but RabbitMQ marks each message looked at as
+    redelivered (see docs/operations.md).
+    """
+    if group is not None:
+        target = _dead_letter_queue(ctx, group, prefix, amqp_url, topic=topic, before_id=before_id)
+        _list_dead_letters(target, limit, as_json)
+        return
+    database_url = _outbox_rows(ctx, database_url)
     with _engine(database_url) as engine:
         messages = admin.list_dead(engine, topic=topic, limit=limit, before_id=before_id)
     # A full page may have a next one; the exact answer would cost another query.
@@ -287,20 +491,27 @@ def dead_list(
 
 def _format_dead(messages: list[admin.DeadMessage]) -> str:
     header = ("ID", "MESSAGE ID", "TOPIC", "KEY", "ATTEMPTS", "CHECKS", "DIED", "LAST ERROR")
-    rows = [
-        (
-            str(m.id),
-            m.message_id + ("*" if m.unconfirmed else ""),
-            m.topic,
-            m.key or "-",
-            str(m.attempts),
-            str(m.checks),
-            m.updated_at.isoformat(sep=" ", timespec="seconds"),
-            # First line only, cut short: a stack trace would wreck the table.
-            _first_line(m.last_error, 80),
-        )
-        for m in messages
-    ]
+    return _table(
+        header,
+        [
+            (
+                str(m.id),
+                m.message_id + ("*" if m.unconfirmed else ""),
+                m.topic,
+                m.key or "-",
+                str(m.attempts),
+                str(m.checks),
+                m.updated_at.isoformat(sep=" ", timespec="seconds"),
+                # First line only, cut short: a stack trace would wreck the table.
+                _first_line(m.last_error, 80),
+            )
+            for m in messages
+        ],
+    )
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    """Columns padded to their widest cell; the last one, free text, is not padded."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     return "\n".join(
         "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
@@ -376,13 +587,23 @@ yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 
 
 @dead.command("replay")
-@database_url_option
-@click.argument("message_ids", nargs=-1, callback=_message_ids, metavar="[MESSAGE_ID]...")
+@dead_database_url_option
+@dead_letter_options
+@click.argument("message_ids", nargs=-1, metavar="[MESSAGE_ID]...")
 @click.option("--topic", default=None, help="Every dead message of this topic.")
 @click.option("--all", "every", is_flag=True, help="Every dead message.")
 @yes_option
+@click.pass_context
 def dead_replay(
-    database_url: str, message_ids: tuple[str, ...], topic: str | None, every: bool, yes: bool
+    ctx: click.Context,
+    database_url: str | None,
+    group: str | None,
+    prefix: str,
+    amqp_url: str | None,
+    message_ids: tuple[str, ...],
+    topic: str | None,
+    every: bool,
+    yes: bool,
 ) -> None:
     """Make dead messages pending again, so that a relay publishes them.
 
@@ -391,7 +612,29 @@ def dead_replay(
     An unconfirmed half message (marked * by `outbox dead list`) becomes
     deliverable too: replay it only if its local transaction committed,
     otherwise purge it.
+
+    With --group: move dead letters (MESSAGE_ID... or --all, which asks first)
+    back to the group's main queue with their attempt count reset; each leaves
+    the dead-letter queue only once the broker has confirmed its copy.
     """
+    if group is not None:
+        target = _dead_letter_queue(ctx, group, prefix, amqp_url, topic=topic)
+        ids = _ids(ctx, message_ids, strict=False)
+        _dead_letter_selection("replay", ids, every)
+        if not ids and not yes and not _dead_letters_confirmed(target, "replay"):
+            return
+        from consumer.deadletters import replay_dead_letters
+
+        count = asyncio.run(
+            replay_dead_letters(
+                target.amqp_url, target.queue, target.main, message_ids=ids if ids else None
+            )
+        )
+        click.echo(f"replayed {count} dead letter(s) from {target.queue} to {target.main}")
+        _report_dead_letters_left_alone(target, ids, count)
+        return
+    database_url = _outbox_rows(ctx, database_url)
+    message_ids = _ids(ctx, message_ids, strict=True)
     what = _selection("replay", message_ids, topic, None, every)
     with _engine(database_url) as engine:
         # Named ids need no prompt: the operator has already said exactly which.
@@ -408,8 +651,9 @@ def dead_replay(
 
 
 @dead.command("purge")
-@database_url_option
-@click.argument("message_ids", nargs=-1, callback=_message_ids, metavar="[MESSAGE_ID]...")
+@dead_database_url_option
+@dead_letter_options
+@click.argument("message_ids", nargs=-1, metavar="[MESSAGE_ID]...")
 @click.option("--topic", default=None, help="Dead messages of this topic.")
 @click.option(
     "--older-than",
@@ -419,8 +663,13 @@ def dead_replay(
 )
 @click.option("--all", "every", is_flag=True, help="Every dead message.")
 @yes_option
+@click.pass_context
 def dead_purge(
-    database_url: str,
+    ctx: click.Context,
+    database_url: str | None,
+    group: str | None,
+    prefix: str,
+    amqp_url: str | None,
     message_ids: tuple[str, ...],
     topic: str | None,
     older_than: timedelta | None,
@@ -433,7 +682,30 @@ def dead_purge(
     --all; without ids it asks first unless --yes. Only dead messages are
     deleted. This is also how to discard a dead half message whose local
     transaction did not commit.
+
+    With --group: delete dead letters from the group's dead-letter queue,
+    MESSAGE_ID... (every copy of each) or --all (asks first).
     """
+    if group is not None:
+        target = _dead_letter_queue(
+            ctx, group, prefix, amqp_url, topic=topic, older_than=older_than
+        )
+        ids = _ids(ctx, message_ids, strict=False)
+        _dead_letter_selection("purge", ids, every)
+        if not ids and not yes and not _dead_letters_confirmed(target, "purge"):
+            return
+        from consumer.deadletters import purge_dead_letters
+
+        count = asyncio.run(
+            purge_dead_letters(
+                target.amqp_url, target.queue, message_ids=ids if ids else None, all=every
+            )
+        )
+        click.echo(f"purged {count} dead letter(s) from {target.queue}")
+        _report_dead_letters_left_alone(target, ids, count)
+        return
+    database_url = _outbox_rows(ctx, database_url)
+    message_ids = _ids(ctx, message_ids, strict=True)
     what = _selection("purge", message_ids, topic, older_than, every)
     with _engine(database_url) as engine:
         bulk = not message_ids
