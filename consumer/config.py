@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -120,7 +120,6 @@ class ConsumerConfig:
     receipts: bool = True
     """Send a receipt per outcome (consumed, dead) to ``<exchange>.receipts`` for the relay
     to record (``outbox status``); best-effort, see ``consumer.receipts``."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ``ConfigurationError`` naming the first unusable value."""

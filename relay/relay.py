@@ -267,9 +267,7 @@ class Relay:
                 idle = min(idle * 2, cfg.poll_max.total_seconds())
                 continue
             idle = cfg.poll_min.total_seconds()
-            # A row claimed before (attempts already counted) whose claim was never
-            # settled: its earlier relay may have published it; count the possible duplicate.
-            reclaimed = sum(1 for r in rows if r.attempts > 1 and r.envelope.message_id)
+            reclaimed = sum(1 for r in rows if r.reclaimed)
             if reclaimed:
                 self.metrics.reclaimed.inc(reclaimed)
             published, failures = await self._publish(rows)

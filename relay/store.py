@@ -60,6 +60,8 @@ class Row:
     attempts: int
     """Attempts including the one being made."""
     envelope: Envelope
+    reclaimed: bool = False
+    """Claimed again after an earlier claim expired unsettled: possibly a wire duplicate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,24 +110,28 @@ class RelayStore:
         now = func.now() if self.postgres else bindparam("now", type_=sa.DateTime(timezone=True))
 
         due = (
-            sa.select(t.c.id)
+            # claimed_by is still set only if an earlier claim's lease ran out unsettled:
+            # that relay may have published the row, so this claim may make a duplicate.
+            sa.select(t.c.id, t.c.claimed_by.is_not(None).label("reclaimed"))
             .where(t.c.status == _PENDING, t.c.key.is_(None), t.c.next_attempt_at <= now)
             .order_by(t.c.next_attempt_at)
             .limit(bindparam("limit"))
             # Two relays never claim the same row, and neither waits for the other.
             .with_for_update(skip_locked=True)
+            .subquery("due")
         )
-        self._claim = (
-            sa.update(t)
-            .where(t.c.id.in_(due.scalar_subquery()))
-            .values(
-                next_attempt_at=self._later("lease"),
-                claimed_by=self.relay_id,
-                claimed_until=self._later("lease"),
-                attempts=t.c.attempts + 1,
-            )
-            .returning(*_COLUMNS)
+        claim = sa.update(t).values(
+            next_attempt_at=self._later("lease"),
+            claimed_by=self.relay_id,
+            claimed_until=self._later("lease"),
+            attempts=t.c.attempts + 1,
         )
+        if self.postgres:
+            self._claim = claim.where(t.c.id == due.c.id).returning(*_COLUMNS, due.c.reclaimed)
+        else:
+            # SQLite's RETURNING sees only the updated table; one embedded relay there
+            # never finds another relay's expired claim anyway.
+            self._claim = claim.where(t.c.id.in_(sa.select(due.c.id))).returning(*_COLUMNS)
 
         # The heads of every key in the given shards plus the messages queued behind them,
         # but only for keys whose head is due: a key in backoff holds back itself alone.
@@ -435,4 +441,5 @@ def _row(r: sa.Row[Any], *, counted: bool) -> Row:
         id=m["id"],
         attempts=m["attempts"] if counted else m["attempts"] + 1,
         envelope=Envelope.from_row(m),
+        reclaimed=bool(m.get("reclaimed", False)),
     )

@@ -248,7 +248,8 @@ async def test_an_expired_claim_of_a_dead_relay_is_published_again(
         await asyncio.sleep(0.1)
         assert broker.published == []  # the lease still holds
         await wait_for(lambda: statuses(engine) == {"published": 1})
-        await wait_for(lambda: relay.metrics.reclaimed._value.get() == 1)
+        if engine.dialect.name == "postgresql":  # where several relays can meet
+            await wait_for(lambda: relay.metrics.reclaimed._value.get() == 1)
 
     assert broker.publish_counts[mid] == 1
 
