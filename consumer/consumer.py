@@ -100,6 +100,7 @@ class Consumer:
         self.amqp_url = amqp_url
         self._database_url = database_url or engine.url.render_as_string(hide_password=False)  # type: ignore[union-attr]
         self._engine = engine
+        self._owns_engine = engine is None
         self._async_engine: AsyncEngine | None = None
         self.handlers: list[HandlerSpec] = []
         self.metrics = ConsumerMetrics()
@@ -276,6 +277,9 @@ class Consumer:
             self._threads.shutdown(wait=False, cancel_futures=True)
         if self._async_engine is not None:
             await self._async_engine.dispose()
+        if self._owns_engine and self._engine is not None:
+            self._engine.dispose()  # the engine start() made; a given one is the caller's
+            self._engine = None
         self._log.info("consumer.stopped", given_back=waiting)
 
     async def serve(self) -> None:
@@ -309,6 +313,7 @@ class Consumer:
         if database_url:
             self._database_url = database_url
             self._engine = None
+            self._owns_engine = True
 
     # -- topology -----------------------------------------------------------------------
 

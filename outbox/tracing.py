@@ -38,12 +38,19 @@ def inject_trace_headers(headers: dict[str, Any]) -> None:
             headers[name] = carrier[name]
 
 
+def _tracing_configured() -> bool:
+    """True once an SDK tracer provider is set; the API's default one makes no spans."""
+    assert trace is not None
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 @contextlib.contextmanager
 def consume_span(
     group: str, topic: str, message_id: str, headers: Mapping[str, Any]
 ) -> Iterator[None]:
     """Run the body in a consumer span that continues the producer's trace, if any."""
-    if trace is None or propagate is None:
+    if trace is None or propagate is None or not _tracing_configured():
         yield
         return
     carrier = {k: str(v) for k, v in headers.items() if k in _TRACE_HEADERS}
