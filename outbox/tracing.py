@@ -29,7 +29,7 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 
 def inject_trace_headers(headers: dict[str, Any]) -> None:
     """Add the current trace context to ``headers`` unless the caller set ``traceparent``."""
-    if propagate is None or "traceparent" in headers:
+    if propagate is None or "traceparent" in headers or not _tracing_configured():
         return
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
