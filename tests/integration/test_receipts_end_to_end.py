@@ -233,7 +233,7 @@ async def test_a_dead_lettered_message_shows_a_dead_receipt_with_the_reason(worl
 
     await wait_for(lambda: world.receipts(mid) == [("billing", "dead", "rejected: x")])
     assert world.status(mid).status is outbox.MessageStatus.PUBLISHED
-    assert value(relay.metrics.receipts, outcome="dead") == 1
+    await wait_for(lambda: value(relay.metrics.receipts, outcome="dead") == 1)
 
 
 async def test_a_duplicate_delivery_sends_no_second_receipt(world: World) -> None:
