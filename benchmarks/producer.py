@@ -16,9 +16,16 @@ a 2-core machine the GIL of one process can be the limit); by default both
 layouts are tried on (a) and the faster one is used for all three variants.
 
 Each measurement warms up first, tables are emptied before each one, and the
-variants run in rotated order over several rounds; the median is reported.
+variants run in rotated order over several rounds; the median is reported. CPU per
+committed transaction (client processes, and their PostgreSQL backends when the
+server is local) is read from /proc around each measurement: once the cores are
+saturated it predicts the ratios with less noise than the rates. A measurement is
+repeated while other processes load the machine (--max-other-load). --breakdown
+times one outbox row step by step (validation and encoding, the statement, the
+RETURNING that SQLAlchemy adds) in a hot loop.
 
     python benchmarks/producer.py [--database-url URL] [--seconds N] [--clients 1,16]
+                                  [--rounds 3] [--breakdown]
 """
 
 from __future__ import annotations
