@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import outbox
 from outbox.logs import redact_url
+from outbox.memory_broker import InMemoryBroker
 
 # The broker contract suite lives in a plain module; let pytest explain its failed asserts.
 pytest.register_assert_rewrite("broker_contract")
@@ -164,3 +165,24 @@ async def sqlite_async_engine(
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.unit),
+        pytest.param("postgresql", marks=pytest.mark.integration),
+    ]
+)
+def engine(request: pytest.FixtureRequest) -> sa.Engine:
+    """The framework's tables on SQLite and, as a second run of the test, on PostgreSQL."""
+    return request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[InMemoryBroker]:
+    """A connected in-memory broker with one queue that takes every topic."""
+    b = InMemoryBroker()
+    await b.connect()
+    await b.declare_queue("everything", ["#"])
+    yield b
+    await b.close()

@@ -8,13 +8,13 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from waiting import wait_for
 
 import outbox
 from outbox import AsyncOutbox, Outbox, OutboxError, Verdict
@@ -34,28 +34,9 @@ FAST = {
 LATER = timedelta(hours=1)  # a check time that never comes during a test
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.unit),
-        pytest.param("postgresql", marks=pytest.mark.integration),
-    ]
-)
-def engine(request: pytest.FixtureRequest) -> sa.Engine:
-    return request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
-
-
 @pytest.fixture
 def ob(engine: sa.Engine) -> Outbox:
     return Outbox(engine, check_after=LATER)
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[InMemoryBroker]:
-    b = InMemoryBroker()
-    await b.connect()
-    await b.declare_queue("everything", ["#"])
-    yield b
-    await b.close()
 
 
 def relay_for(
@@ -73,13 +54,6 @@ def row(engine: sa.Engine, message_id: str) -> sa.Row[Any]:
                 t.c.message_id == uuid.UUID(message_id)
             )
         ).one()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def status_is(engine: sa.Engine, message_id: str, status: str) -> None:

@@ -12,13 +12,14 @@ import json
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from waiting import wait_for
 
 import outbox
 from outbox.errors import ConfigurationError
@@ -34,25 +35,6 @@ FAST = {
     "rebalance_interval": timedelta(milliseconds=200),
     "shutdown_timeout": timedelta(seconds=5),
 }
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.unit),
-        pytest.param("postgresql", marks=pytest.mark.integration),
-    ]
-)
-def engine(request: pytest.FixtureRequest) -> sa.Engine:
-    return request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[InMemoryBroker]:
-    b = InMemoryBroker()
-    await b.connect()
-    await b.declare_queue("everything", ["#"])
-    yield b
-    await b.close()
 
 
 def config_for(engine: sa.Engine, **overrides: Any) -> RelayConfig:
@@ -84,16 +66,6 @@ def statuses(engine: sa.Engine) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT status, count(*) FROM outbox_message GROUP BY status"))
         return {status: n for status, n in rows}
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll ``predicate`` in a thread: a blocking SQLite read on the event loop would wait
-    for a lock that the relay, on that same loop, could then never release."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def relay_for(engine: sa.Engine, broker: InMemoryBroker, **overrides: Any) -> Relay:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 from click.testing import CliRunner
+from waiting import wait_for
 
 import outbox
 from outbox.checkback_server import (
@@ -419,25 +420,6 @@ FAST = {
 }
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.unit),
-        pytest.param("postgresql", marks=pytest.mark.integration),
-    ]
-)
-def engine(request: pytest.FixtureRequest) -> sa.Engine:
-    return request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[InMemoryBroker]:
-    b = InMemoryBroker()
-    await b.connect()
-    await b.declare_queue("everything", ["#"])
-    yield b
-    await b.close()
-
-
 def remote_relay(engine: sa.Engine, broker: InMemoryBroker, url: str, secret: str) -> Relay:
     """A relay with no --app: only the producer's endpoint can answer its check-backs."""
     config = RelayConfig(
@@ -453,15 +435,6 @@ def row(engine: sa.Engine) -> dict[str, Any]:
     with engine.connect() as conn:
         found = conn.execute(sa.text("SELECT status, checks, last_error FROM outbox_message"))
         return dict(found.mappings().one())
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll in a thread: a blocking SQLite read on the loop could wait on the relay's lock."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize(
