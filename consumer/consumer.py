@@ -1,17 +1,10 @@
-"""``Consumer``: a consumer group's handlers, and the worker that runs them on RabbitMQ.
+"""``Consumer``: a consumer group's handlers, and the worker that runs them.
 
-Per group the worker declares (idempotently):
-
-- ``<prefix>.<group>``: the group's queue, bound to the exchange by every
-  unordered handler's topic pattern;
-- ``<prefix>.<group>.ordered``: for ordered handlers, a single-active-consumer
-  queue: one worker process consumes it at a time, keeps per-key order in
-  process, and another takes over when it dies;
-- ``<prefix>.<group>.retry.<tier>``: delay queues (classic, message TTL) that
-  dead-letter back into the group's queue when the delay has passed;
-- ``<prefix>.<group>.dead``: the dead-letter queue, for an operator;
-- ``<exchange>.receipts``: the exchange its receipts go to after each outcome
-  (``consumer.receipts``; best-effort, off with ``receipts=False``).
+The worker runs on RabbitMQ (``consumer.amqp_transport`` declares the group's
+queues: main, ordered, delay and dead-letter) or, given ``broker=``, on the
+in-process ``InMemoryBroker`` (``consumer.memory_transport``). Receipts go to
+``<exchange>.receipts`` after each outcome (``consumer.receipts``; best-effort,
+off with ``receipts=False``).
 
 Each message runs in one database transaction that first inserts the inbox row
 (``consumer.inbox``) and then calls the handler; the transaction commits before
@@ -34,19 +27,20 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aio_pika
 import sqlalchemy as sa
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from consumer.amqp_transport import AmqpTransport
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
 from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_row, purge_inbox
+from consumer.memory_transport import MemoryTransport
 from consumer.message import IncomingMessage
 from consumer.metrics import ConsumerMetrics
-from consumer.receipts import ReceiptPublisher
 from consumer.signals import Reject, Retry
+from consumer.transport import Topology
 from outbox.codec import JSON
 from outbox.engines import make_async_engine, make_engine
 from outbox.envelope import Envelope
@@ -56,13 +50,11 @@ from outbox.logs import get_logger, redact_url
 from outbox.tracing import consume_span
 
 if TYPE_CHECKING:
-    from aio_pika.abc import (
-        AbstractIncomingMessage,
-        AbstractQueue,
-        AbstractRobustChannel,
-        AbstractRobustConnection,
-    )
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from consumer.receipts import ReceiptPublisher
+    from consumer.transport import Received, Transport
+    from outbox.memory_broker import InMemoryBroker
 
 __all__ = ["Consumer"]
 
@@ -80,7 +72,8 @@ class Consumer:
     """A consumer group: register handlers with ``@consumer.handler(topic)``, then run it.
 
     ``Consumer("billing", database_url=..., amqp_url=...)``; ``engine=`` (a sync
-    engine) may replace ``database_url``. Nothing connects until ``start()``.
+    engine) may replace ``database_url``, and ``broker=`` (an ``InMemoryBroker``)
+    ``amqp_url``. Nothing connects until ``start()``.
     """
 
     def __init__(
@@ -90,6 +83,7 @@ class Consumer:
         database_url: str | None = None,
         amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/",
         engine: sa.Engine | None = None,
+        broker: InMemoryBroker | None = None,
         config: ConsumerConfig | None = None,
     ) -> None:
         self.group = validate_group(group)
@@ -105,13 +99,12 @@ class Consumer:
         self.handlers: list[HandlerSpec] = []
         self.metrics = ConsumerMetrics()
         self._log = get_logger("outbox.consumer").bind(group=group)
-        self._connection: AbstractRobustConnection | None = None
-        self._publisher: AbstractRobustChannel | None = None
-        self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._broker = broker
+        self._transport: Transport | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
-        self._lanes: dict[str | None, deque[AbstractIncomingMessage]] = {}
+        self._lanes: dict[str | None, deque[Received]] = {}
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self._health: HealthServer | None = None
@@ -218,19 +211,14 @@ class Consumer:
         self._threads = ThreadPoolExecutor(
             cfg.concurrency, thread_name_prefix=f"outbox-{self.group}"
         )
-        try:
-            self._connection = await aio_pika.connect_robust(
-                self.amqp_url,
-                client_properties={"connection_name": f"outbox-consumer {self.group}"},
-            )
-        except Exception as e:
-            raise ConfigurationError(
-                f"cannot connect to RabbitMQ at {redact_url(self.amqp_url)}: {e}"
-            ) from None
-        self._publisher = await self._connection.channel(publisher_confirms=True)
+        self._transport = (
+            MemoryTransport(self._broker)
+            if self._broker is not None
+            else AmqpTransport(self.amqp_url, name=f"outbox-consumer {self.group}")
+        )
+        await self._transport.open()
         if cfg.receipts:
-            self._receipts = ReceiptPublisher(self.group, cfg.exchange, self.metrics)
-            await self._receipts.start(self._connection, self._publisher)
+            self._receipts = await self._transport.receipts(self.group, cfg.exchange, self.metrics)
         await self._declare()
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(self._purge, "interval", hours=1, max_instances=1, coalesce=True)
@@ -244,17 +232,15 @@ class Consumer:
             handlers=[f"{h.pattern}{' (ordered)' if h.ordered else ''}" for h in self.handlers],
             prefetch=cfg.prefetch,
             concurrency=cfg.concurrency,
-            amqp_url=redact_url(self.amqp_url),
+            broker="in-memory" if self._broker is not None else redact_url(self.amqp_url),
             database_url=redact_url(self._database_url),
         )
 
     async def stop(self) -> None:
         """Stop consuming, let in-flight handlers finish (shutdown_timeout), requeue the rest."""
         self._stopping.set()
-        for queue, tag in self._consuming:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consuming.clear()
+        if self._transport is not None:
+            await self._transport.cancel()
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self.config.shutdown_timeout.total_seconds())
         waiting = sum(len(q) for q in self._lanes.values())
@@ -265,14 +251,19 @@ class Consumer:
                     await message.nack(requeue=True)
         for task in list(self._inflight):
             task.cancel()
+        if self._inflight:
+            # Let cancelled handlers leave their transactions (rolled back) before the
+            # engines are disposed: an open connection would outlive the consumer.
+            await asyncio.wait(self._inflight, timeout=5)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self._health is not None:
             await self._health.close()
         if self._receipts is not None:
             await self._receipts.aclose()  # before the channel it publishes on is closed
-        if self._connection is not None:
-            await self._connection.close()  # unacknowledged deliveries go back to their queue
+        if self._transport is not None:
+            await self._transport.close()  # unacknowledged deliveries go back to their queue
+            self._transport = None
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
         if self._async_engine is not None:
@@ -300,7 +291,7 @@ class Consumer:
 
     def configure(self, **overrides: Any) -> None:
         """Replace configuration values before ``start()`` (the CLI's flags use this)."""
-        if self._connection is not None:
+        if self._transport is not None:
             raise ConfigurationError("configure() must be called before start()")
         amqp_url = overrides.pop("amqp_url", None)
         database_url = overrides.pop("database_url", None)
@@ -317,56 +308,36 @@ class Consumer:
 
     # -- topology -----------------------------------------------------------------------
 
-    async def _declare(self) -> None:
-        assert self._connection is not None
+    def topology(self) -> Topology:
+        """The group's queues and bindings, as the transport declares them."""
         cfg = self.config
-        channel = await self._connection.channel()
-        exchange = await channel.declare_exchange(
-            cfg.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        ordered = tuple(h.pattern for h in self.handlers if h.ordered)
+        return Topology(
+            exchange=cfg.exchange,
+            queue_type=cfg.queue_type,
+            # The main queue exists even for a group of ordered handlers only: it is where
+            # the delay queues send retries back, and operators replay dead letters into it.
+            queue=self.queue,
+            dead_queue=self.dead_queue,
+            retry_queues={self.retry_queue(t): t for t in cfg.retry_tiers},
+            patterns=tuple(h.pattern for h in self.handlers if not h.ordered),
+            ordered_queue=self.ordered_queue if ordered else None,
+            ordered_patterns=ordered,
         )
-        durable = {"x-queue-type": cfg.queue_type}
-        await channel.declare_queue(self.dead_queue, durable=True, arguments=durable)
-        for tier in cfg.retry_tiers:
-            await channel.declare_queue(
-                self.retry_queue(tier),
-                durable=True,
-                arguments={
-                    "x-queue-type": "classic",
-                    "x-message-ttl": int(tier.total_seconds() * 1000),
-                    # Expired retries go straight back to the group's queue, not through the
-                    # topic exchange, so other groups never see them again.
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": self.queue,
-                },
+
+    async def _declare(self) -> None:
+        assert self._transport is not None
+        topology = self.topology()
+        await self._transport.declare(topology)
+        await self._transport.consume(topology.queue, self.config.prefetch, self._on_message)
+        if topology.ordered_queue is not None:
+            await self._transport.consume(
+                topology.ordered_queue, self.config.prefetch, self._on_ordered
             )
-        unordered = [h for h in self.handlers if not h.ordered]
-        ordered = [h for h in self.handlers if h.ordered]
-        consume = await self._connection.channel()
-        await consume.set_qos(prefetch_count=cfg.prefetch)
-        # The main queue exists even for a group of ordered handlers only: it is where the
-        # delay queues send retries back, and operators replay dead letters into it.
-        main = await consume.declare_queue(self.queue, durable=True, arguments=durable)
-        for h in unordered:
-            await main.bind(exchange, h.pattern)
-        tag = await main.consume(self._on_message)
-        self._consuming.append((main, tag))
-        if ordered:
-            lanes = await self._connection.channel()
-            await lanes.set_qos(prefetch_count=cfg.prefetch)
-            queue = await lanes.declare_queue(
-                self.ordered_queue,
-                durable=True,
-                arguments={**durable, "x-single-active-consumer": True},
-            )
-            for h in ordered:
-                await queue.bind(exchange, h.pattern)
-            tag = await queue.consume(self._on_ordered)
-            self._consuming.append((queue, tag))
-        await channel.close()
 
     # -- unordered ----------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Received) -> None:
         if self._stopping.is_set():
             await message.nack(requeue=True)
             return
@@ -375,7 +346,7 @@ class Consumer:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _handle_unordered(self, raw: AbstractIncomingMessage) -> None:
+    async def _handle_unordered(self, raw: Received) -> None:
         try:
             parsed = self._parse(raw)
             if isinstance(parsed, str):
@@ -398,7 +369,7 @@ class Consumer:
 
     async def _failed(
         self,
-        raw: AbstractIncomingMessage,
+        raw: Received,
         spec: HandlerSpec,
         message: IncomingMessage,
         error: Exception,
@@ -447,7 +418,7 @@ class Consumer:
 
     # -- ordered ------------------------------------------------------------------------
 
-    async def _on_ordered(self, message: AbstractIncomingMessage) -> None:
+    async def _on_ordered(self, message: Received) -> None:
         if self._stopping.is_set():
             await message.nack(requeue=True)
             return
@@ -463,15 +434,15 @@ class Consumer:
             return
         await self._start_lane(lane_key, message)
 
-    async def _start_lane(self, key: str | None, first: AbstractIncomingMessage) -> None:
-        lane: deque[AbstractIncomingMessage] = deque([first])
+    async def _start_lane(self, key: str | None, first: Received) -> None:
+        lane: deque[Received] = deque([first])
         if key is not None:
             self._lanes[key] = lane
         task = asyncio.create_task(self._run_lane(key, lane))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _run_lane(self, key: str | None, lane: deque[AbstractIncomingMessage]) -> None:
+    async def _run_lane(self, key: str | None, lane: deque[Received]) -> None:
         try:
             while lane and not self._stopping.is_set():
                 raw = lane[0]
@@ -482,7 +453,7 @@ class Consumer:
             if key is not None and self._lanes.get(key) is lane and not lane:
                 del self._lanes[key]
 
-    async def _handle_in_place(self, raw: AbstractIncomingMessage) -> None:
+    async def _handle_in_place(self, raw: Received) -> None:
         """Handle one ordered message, retrying in place so the key's order holds."""
         parsed = self._parse(raw)
         if isinstance(parsed, str):
@@ -529,7 +500,7 @@ class Consumer:
 
     # -- shared steps -------------------------------------------------------------------
 
-    def _parse(self, raw: AbstractIncomingMessage) -> tuple[IncomingMessage, HandlerSpec] | str:
+    def _parse(self, raw: Received) -> tuple[IncomingMessage, HandlerSpec] | str:
         """The message and its handler, or the reason it goes to the dead-letter queue."""
         headers = dict(raw.headers or {})
         topic = headers.get(TOPIC) or raw.routing_key
@@ -602,9 +573,7 @@ class Consumer:
             await spec.function(message, session)
         return _DONE
 
-    async def _settle(
-        self, raw: AbstractIncomingMessage, outcome: str, message: IncomingMessage
-    ) -> None:
+    async def _settle(self, raw: Received, outcome: str, message: IncomingMessage) -> None:
         if outcome == _DUPLICATE:
             self.metrics.duplicates.inc()
             self._log.info("consumer.duplicate", **_ids(message))
@@ -620,7 +589,7 @@ class Consumer:
             self._receipts.send(message.message_id, "consumed")
 
     async def _dead_letter(
-        self, raw: AbstractIncomingMessage, reason: str, attempt: int, topic: str | None = None
+        self, raw: Received, reason: str, attempt: int, topic: str | None = None
     ) -> None:
         headers = {
             **_headers(raw),
@@ -646,25 +615,10 @@ class Consumer:
         else:
             await raw.nack(requeue=True)
 
-    async def _republish(
-        self, raw: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
-    ) -> bool:
+    async def _republish(self, raw: Received, queue: str, headers: dict[str, Any]) -> bool:
         """Send a copy of ``raw`` to ``queue`` with publisher confirms; True once confirmed."""
-        assert self._publisher is not None
-        copy = aio_pika.Message(
-            raw.body,
-            headers=headers,
-            content_type=raw.content_type,
-            message_id=raw.message_id,
-            timestamp=raw.timestamp,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        try:
-            await self._publisher.default_exchange.publish(copy, routing_key=queue, timeout=15)
-        except Exception as e:
-            self._log.warning("consumer.republish_failed", queue=queue, error=str(e)[:200])
-            return False
-        return True
+        assert self._transport is not None
+        return await self._transport.send(raw, queue, headers)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep; return True if the consumer is stopping."""
@@ -705,16 +659,16 @@ class Consumer:
                 await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), 2)
         except Exception:
             database = False
-        broker = self._connection is not None and not self._connection.is_closed
+        broker = self._transport is not None and self._transport.connected
         return {"database": database, "broker": broker}
 
 
-def _attempt(raw: AbstractIncomingMessage) -> int:
+def _attempt(raw: Received) -> int:
     value = (raw.headers or {}).get(ATTEMPT, 1)
     return value if isinstance(value, int) and value >= 1 else 1
 
 
-def _headers(raw: AbstractIncomingMessage) -> dict[str, Any]:
+def _headers(raw: Received) -> dict[str, Any]:
     return dict(raw.headers or {})
 
 

@@ -223,6 +223,30 @@ class InMemoryBroker:
             q.changed.clear()
             await q.changed.wait()
 
+    async def send_to_queue(self, queue: str, envelope: Envelope, *, delay: float = 0.0) -> None:
+        """Put ``envelope`` straight on ``queue``, as RabbitMQ's default exchange does.
+
+        With ``delay`` (seconds) it lands there only after that long, as a message
+        does that waits out a delay queue's TTL; the broker keeps it meanwhile.
+        """
+        self._require_connection()
+        if queue not in self._queues:
+            raise BrokerError(f"queue {queue!r} does not exist; declare_queue() it first")
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._enqueue, queue, envelope)
+            return
+        self._enqueue(queue, envelope)
+
+    def messages(self, queue: str) -> list[Envelope]:
+        """The messages in ``queue`` (ready ones in order, then unacknowledged ones)."""
+        q = self._queues[queue]
+        return [e.envelope for e in q.ready] + [d.envelope for d in q.unacked]
+
+    def _enqueue(self, queue: str, envelope: Envelope) -> None:
+        q = self._queues[queue]
+        q.ready.append(_Entry(next(self._seq), envelope, False))
+        q.wake()
+
     def queue_depth(self, queue: str) -> int:
         """Messages ready or unacknowledged in ``queue``."""
         q = self._queues[queue]
