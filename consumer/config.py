@@ -105,7 +105,10 @@ class ConsumerConfig:
     prefetch: int = 64
     """Unacknowledged messages per queue: the window the worker works on."""
     concurrency: int = 16
-    """Handlers running at once (threads for sync handlers)."""
+    """Handlers running at once (threads for sync handlers); a batch counts as one."""
+    batch_size: int = 32
+    """Most messages of plain SQLAlchemy handlers that share one transaction (the messages
+    waiting when a slot frees up); 1 gives every message a transaction of its own."""
     retry_tiers: tuple[timedelta, ...] = DEFAULT_RETRY_TIERS
     """Delay queues for retries; each backoff waits in the first tier at least as long."""
     inbox_retention: timedelta = timedelta(days=14)
@@ -135,6 +138,8 @@ class ConsumerConfig:
             )
         if not 1 <= self.prefetch <= 65535:
             raise ConfigurationError(f"prefetch must be 1-65535, got {self.prefetch}")
+        if not 1 <= self.batch_size <= 1000:
+            raise ConfigurationError(f"batch_size must be 1-1000, got {self.batch_size}")
         if self.concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, got {self.concurrency}")
         if not self.retry_tiers or any(t <= timedelta(0) for t in self.retry_tiers):

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from consumer.amqp_transport import AmqpTransport
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
 from consumer.django_handler import run_django_handler
-from consumer.inbox import inbox_insert, inbox_row, purge_inbox
+from consumer.inbox import inbox_insert, inbox_insert_many, inbox_row, purge_inbox
 from consumer.memory_transport import MemoryTransport
 from consumer.message import IncomingMessage
 from consumer.metrics import ConsumerMetrics
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = ["Consumer"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 ATTEMPT = "x-outbox-attempt"
 TOPIC = "x-outbox-topic"
@@ -104,6 +105,9 @@ class Consumer:
         self._threads: ThreadPoolExecutor | None = None
         self._slots = asyncio.Semaphore(self.config.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._batch: deque[tuple[Received, IncomingMessage, HandlerSpec]] = deque()
+        self._batched = asyncio.Event()
+        self._batcher_task: asyncio.Task[None] | None = None
         self._lanes: dict[str | None, deque[Received]] = {}
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
@@ -219,6 +223,7 @@ class Consumer:
         await self._transport.open()
         if cfg.receipts:
             self._receipts = await self._transport.receipts(self.group, cfg.exchange, self.metrics)
+        self._batcher_task = asyncio.create_task(self._batcher(), name=f"batcher {self.group}")
         await self._declare()
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(self._purge, "interval", hours=1, max_instances=1, coalesce=True)
@@ -241,9 +246,18 @@ class Consumer:
         self._stopping.set()
         if self._transport is not None:
             await self._transport.cancel()
+        if self._batcher_task is not None:
+            self._batcher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher_task
+            self._batcher_task = None
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=self.config.shutdown_timeout.total_seconds())
-        waiting = sum(len(q) for q in self._lanes.values())
+        waiting = sum(len(q) for q in self._lanes.values()) + len(self._batch)
+        while self._batch:
+            raw = self._batch.popleft()[0]
+            with contextlib.suppress(Exception):
+                await raw.nack(requeue=True)
         for lane in self._lanes.values():
             while lane:
                 message = lane.popleft()
@@ -337,35 +351,133 @@ class Consumer:
 
     # -- unordered ----------------------------------------------------------------------
 
-    async def _on_message(self, message: Received) -> None:
+    async def _on_message(self, raw: Received) -> None:
         if self._stopping.is_set():
-            await message.nack(requeue=True)
+            await raw.nack(requeue=True)
+            return
+        parsed = self._parse(raw)
+        if not isinstance(parsed, str) and self._batchable(parsed[1]):
+            self._batch.append((raw, *parsed))
+            self._batched.set()
             return
         await self._slots.acquire()
-        task = asyncio.create_task(self._handle_unordered(message))
+        task = asyncio.create_task(self._handle_unordered(raw, parsed))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _handle_unordered(self, raw: Received) -> None:
+    async def _handle_unordered(
+        self, raw: Received, parsed: tuple[IncomingMessage, HandlerSpec] | str
+    ) -> None:
         try:
-            parsed = self._parse(raw)
             if isinstance(parsed, str):
                 await self._dead_letter(raw, parsed, attempt=_attempt(raw))
                 return
-            message, spec = parsed
-            try:
-                outcome = await self._execute(spec, message)
-            except Reject as e:
-                await self._dead_letter(
-                    raw, f"rejected: {e.reason}", message.attempt, message.topic
-                )
-                return
-            except Exception as e:
-                await self._failed(raw, spec, message, e)
-                return
-            await self._settle(raw, outcome, message)
+            await self._process(raw, *parsed)
         finally:
             self._slots.release()
+
+    async def _process(self, raw: Received, message: IncomingMessage, spec: HandlerSpec) -> None:
+        """Handle one message in a transaction of its own, then ack, retry or dead-letter it."""
+        try:
+            outcome = await self._execute(spec, message)
+        except Reject as e:
+            await self._dead_letter(raw, f"rejected: {e.reason}", message.attempt, message.topic)
+            return
+        except Exception as e:
+            await self._failed(raw, spec, message, e)
+            return
+        await self._settle(raw, outcome, message)
+
+    # -- batches ------------------------------------------------------------------------
+
+    def _batchable(self, spec: HandlerSpec) -> bool:
+        """Plain SQLAlchemy handlers share transactions; async and Django ones run alone."""
+        return self.config.batch_size > 1 and not spec.is_async and spec.django_using is None
+
+    async def _batcher(self) -> None:
+        """Hand the buffered messages to handler slots, as many per transaction as are waiting.
+
+        Nothing waits to fill a batch: under light load a batch is the one or two
+        messages at hand; under load, messages pile up while every slot is busy,
+        so batches grow with the load, up to ``batch_size``.
+        """
+        while True:
+            await self._batched.wait()
+            await self._slots.acquire()
+            await asyncio.sleep(0)  # deliveries read in the same burst join this batch
+            batch = [
+                self._batch.popleft() for _ in range(min(self.config.batch_size, len(self._batch)))
+            ]
+            if not self._batch:
+                self._batched.clear()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._handle_batch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _handle_batch(
+        self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
+    ) -> None:
+        """Run ``batch`` in one transaction; if anything fails, run each message alone.
+
+        The optimistic transaction saves a commit and a round trip per message. On
+        any error it is rolled back as a whole and every message of the batch is
+        handled again in a transaction of its own, so a failing message is retried
+        or dead-lettered alone and its neighbours commit once. (Their handlers ran
+        twice then, which is why effects outside the transaction must be idempotent
+        anyway; see docs/consumer.md.)
+        """
+        try:
+            if len(batch) > 1:
+                try:
+                    outcomes = await self._in_thread(self._execute_batch_sync, batch)
+                except Exception as e:
+                    self.metrics.batch_fallbacks.inc()
+                    self._log.info(
+                        "consumer.batch_fallback", messages=len(batch), error=_describe(e)[:300]
+                    )
+                else:
+                    for (raw, message, _), outcome in zip(batch, outcomes, strict=True):
+                        await self._settle(raw, outcome, message)
+                    return
+            for raw, message, spec in batch:
+                await self._process(raw, message, spec)
+        finally:
+            self._slots.release()
+
+    def _execute_batch_sync(
+        self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
+    ) -> list[str]:
+        """One transaction: one multi-row inbox INSERT, then the handlers of the new ids."""
+        assert self._engine is not None
+        outcomes: list[str] = []
+        with Session(self._engine) as session, session.begin():
+            conn = session.connection()
+            rows = [
+                inbox_row(self.group, uuid.UUID(message.message_id), message.topic)
+                for _, message, _ in batch
+            ]
+            fresh = set(conn.execute(inbox_insert_many(conn.dialect.name), rows).scalars())
+            for _, message, spec in batch:
+                mid = uuid.UUID(message.message_id)
+                if mid not in fresh:  # handled before, or a second copy within this batch
+                    outcomes.append(_DUPLICATE)
+                    continue
+                fresh.discard(mid)
+                started = time.perf_counter()
+                with consume_span(self.group, message.topic, message.message_id, message.headers):
+                    spec.function(message, session)
+                self.metrics.duration.observe(time.perf_counter() - started)
+                outcomes.append(_DONE)
+        return outcomes
+
+    async def _in_thread(self, function: Callable[..., R], *args: Any) -> R:
+        """Run ``function`` in the handler thread pool with this task's context (its span)."""
+        loop = asyncio.get_running_loop()
+        call = contextvars.copy_context().run
+        return await loop.run_in_executor(self._threads, call, function, *args)
 
     async def _failed(
         self,
@@ -541,12 +653,8 @@ class Consumer:
             with consume_span(self.group, message.topic, message.message_id, message.headers):
                 if spec.is_async:
                     return await self._execute_async(spec, message)
-                loop = asyncio.get_running_loop()
                 # The span is current in this task; the thread gets a copy of the context.
-                call = contextvars.copy_context().run
-                return await loop.run_in_executor(
-                    self._threads, call, self._execute_sync, spec, message
-                )
+                return await self._in_thread(self._execute_sync, spec, message)
         finally:
             self.metrics.duration.observe(time.perf_counter() - started)
 

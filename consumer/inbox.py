@@ -20,24 +20,34 @@ from outbox.tables import inbox_table
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["inbox_insert", "purge_inbox"]
+__all__ = ["inbox_insert", "inbox_insert_many", "inbox_row", "purge_inbox"]
 
-_INSERTS: dict[str, Any] = {}
+_INSERTS: dict[tuple[str, bool], Any] = {}
 
 
 def inbox_insert(dialect: str) -> Any:
     """The inbox INSERT for ``dialect`` (PostgreSQL or SQLite): returns the new row's id, or no
     row at all when this group has seen the message already."""
-    stmt = _INSERTS.get(dialect)
+    return _insert(dialect, many=False)
+
+
+def inbox_insert_many(dialect: str) -> Any:
+    """The inbox INSERT of a batch (executed with a list of rows, sent as one statement):
+    returns the ``message_id`` of each row inserted; a message seen already returns none."""
+    return _insert(dialect, many=True)
+
+
+def _insert(dialect: str, *, many: bool) -> Any:
+    stmt = _INSERTS.get((dialect, many))
     if stmt is None:
         module: Any = postgresql if dialect == "postgresql" else sqlite
         # RETURNING, not rowcount: drivers do not all report a row count for INSERT.
         stmt = (
             module.insert(inbox_table)
             .on_conflict_do_nothing(index_elements=["consumer_group", "message_id"])
-            .returning(inbox_table.c.id)
+            .returning(inbox_table.c.message_id if many else inbox_table.c.id)
         )
-        _INSERTS[dialect] = stmt
+        _INSERTS[(dialect, many)] = stmt
     return stmt
 
 

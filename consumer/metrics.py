@@ -30,6 +30,11 @@ class ConsumerMetrics:
         self.malformed = Counter(
             "outbox_consumer_malformed", "Messages that were not a valid envelope", registry=r
         )
+        self.batch_fallbacks = Counter(
+            "outbox_consumer_batch_fallbacks",
+            "Shared transactions rolled back and run again one message at a time",
+            registry=r,
+        )
         self.receipts_sent = Counter(
             "outbox_consumer_receipts_sent", "Receipts the broker confirmed", registry=r
         )

@@ -33,7 +33,7 @@ from aiormq.abc import DeliveredMessage
 
 from outbox.ids import new_message_id, normalize_message_id
 from outbox.logs import get_logger
-from outbox.receipts import CONTENT_TYPE, Receipt, encode_receipt, receipts_exchange
+from outbox.receipts import CONTENT_TYPE, Receipt, encode_receipts, receipts_exchange
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -202,39 +202,29 @@ class ReceiptPublisher:
         return batch
 
     async def _publish(self, batch: list[Receipt]) -> None:
-        """Publish the batch as one confirm window; count what was confirmed and what not."""
-        answers = await asyncio.gather(
-            *(self._publish_one(receipt) for receipt in batch), return_exceptions=True
-        )
-        sent = 0
-        failed: Counter[str] = Counter()
-        for answer in answers:
-            if isinstance(answer, DeliveredMessage):
-                failed["unroutable"] += 1  # returned: no relay has bound the receipts queue yet
-            elif isinstance(answer, BaseException):
-                failed["failed"] += 1
-            else:
-                sent += 1
-        self._metrics.receipts_sent.inc(sent)
-        for reason, count in failed.items():
-            self._drop(reason, count)
-
-    async def _publish_one(self, receipt: Receipt) -> object:
+        """Publish the batch as one message (a JSON array) and count it sent or dropped."""
         assert self._exchange is not None
         message = aio_pika.Message(
-            encode_receipt(receipt),
+            encode_receipts(batch),
             content_type=CONTENT_TYPE,
             message_id=new_message_id(),
-            timestamp=receipt.at,
+            timestamp=batch[-1].at,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        async with asyncio.timeout(self._publish_timeout):
-            answer: object = await self._exchange.publish(
-                message, routing_key=self._group, mandatory=True
-            )
-        if answer is not None and not isinstance(answer, aiormq.spec.Basic.Ack | DeliveredMessage):
-            raise RuntimeError(f"unexpected publish answer {type(answer).__name__}")
-        return answer
+        try:
+            async with asyncio.timeout(self._publish_timeout):
+                answer: object = await self._exchange.publish(
+                    message, routing_key=self._group, mandatory=True
+                )
+        except Exception:
+            self._drop("failed", len(batch))
+            return
+        if isinstance(answer, DeliveredMessage):
+            self._drop("unroutable", len(batch))  # returned: no relay bound the receipts queue yet
+        elif answer is None or isinstance(answer, aiormq.spec.Basic.Ack):
+            self._metrics.receipts_sent.inc(len(batch))
+        else:
+            self._drop("failed", len(batch))
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self._metrics.receipts_dropped.labels(reason=reason).inc(count)

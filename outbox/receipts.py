@@ -9,8 +9,9 @@ records it (DESIGN §1.6):
 - routing key: the consumer group; persistent delivery; AMQP ``message_id``: a
   fresh UUID (the receipt's own, not the message's); ``content_type``
   ``application/json``;
-- body: ``{"message_id", "group", "outcome", "detail", "at"}``, ``at`` an ISO 8601
-  time with its UTC offset (when the group reached the outcome, by its clock).
+- body: one receipt ``{"message_id", "group", "outcome", "detail", "at"}``, ``at``
+  an ISO 8601 time with its UTC offset (when the group reached the outcome, by its
+  clock), or a JSON array of them: consumers send a batch as one message.
 
 Relays read them from the shared queue ``<exchange>.receipts.relay`` (competing
 consumers) and insert them into ``outbox_receipt``. Receipts are best-effort
@@ -47,7 +48,9 @@ __all__ = [
     "Outcome",
     "Receipt",
     "decode_receipt",
+    "decode_receipts",
     "encode_receipt",
+    "encode_receipts",
     "receipts_exchange",
     "receipts_queue",
     "record_receipts",
@@ -97,16 +100,22 @@ class Receipt:
 
 def encode_receipt(receipt: Receipt) -> bytes:
     """Return the JSON body of ``receipt`` (``detail`` cut to ``MAX_DETAIL`` characters)."""
-    detail = receipt.detail[:MAX_DETAIL] if receipt.detail is not None else None
-    return JSON.encode(
-        {
-            "message_id": receipt.message_id,
-            "group": receipt.group,
-            "outcome": receipt.outcome,
-            "detail": detail,
-            "at": receipt.at.isoformat(),
-        }
-    )
+    return JSON.encode(_fields(receipt))
+
+
+def encode_receipts(receipts: Sequence[Receipt]) -> bytes:
+    """Return the JSON body of a batch of receipts: an array, sent as one message."""
+    return JSON.encode([_fields(r) for r in receipts])
+
+
+def _fields(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "message_id": receipt.message_id,
+        "group": receipt.group,
+        "outcome": receipt.outcome,
+        "detail": receipt.detail[:MAX_DETAIL] if receipt.detail is not None else None,
+        "at": receipt.at.isoformat(),
+    }
 
 
 def decode_receipt(body: bytes, content_type: str | None = CONTENT_TYPE) -> Receipt:
@@ -115,14 +124,44 @@ def decode_receipt(body: bytes, content_type: str | None = CONTENT_TYPE) -> Rece
     Checks every field, so that what reaches the database is a receipt and not
     whatever someone published to the exchange. ``at`` comes back in UTC.
     """
+    data = _json(body, content_type)
+    if not isinstance(data, dict):
+        raise MalformedMessageError("a receipt body is a JSON object")
+    return _receipt(data)
+
+
+def decode_receipts(body: bytes, content_type: str | None = CONTENT_TYPE) -> list[Receipt]:
+    """Read a body holding one receipt or an array of them; all are checked as one.
+
+    Raises ``MalformedMessageError`` (saying which element is wrong) if any is not
+    a receipt: a body is recorded whole or not at all.
+    """
+    data = _json(body, content_type)
+    if isinstance(data, dict):
+        return [_receipt(data)]
+    if not isinstance(data, list) or not data:
+        raise MalformedMessageError("a receipts body is a JSON object or a non-empty array")
+    receipts: list[Receipt] = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise MalformedMessageError(f"receipt [{i}] is not a JSON object")
+        try:
+            receipts.append(_receipt(item))
+        except MalformedMessageError as e:
+            raise MalformedMessageError(f"receipt [{i}]: {e}") from None
+    return receipts
+
+
+def _json(body: bytes, content_type: str | None) -> Any:
     if (content_type or "").split(";", 1)[0].strip().lower() != CONTENT_TYPE:
         raise MalformedMessageError(f"content type {content_type!r} is not {CONTENT_TYPE}")
     try:
-        data = JSON.decode(body)
+        return JSON.decode(body)
     except InvalidMessageError as e:
         raise MalformedMessageError(str(e)) from None
-    if not isinstance(data, dict):
-        raise MalformedMessageError("a receipt body is a JSON object")
+
+
+def _receipt(data: dict[str, Any]) -> Receipt:
     missing = [name for name in _FIELDS if name not in data]
     if missing:
         raise MalformedMessageError(f"receipt lacks {', '.join(missing)}")

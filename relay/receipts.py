@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from outbox.errors import MalformedMessageError
 from outbox.logs import get_logger
-from outbox.receipts import decode_receipt, receipts_exchange, receipts_queue, record_receipts
+from outbox.receipts import decode_receipts, receipts_exchange, receipts_queue, record_receipts
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -163,7 +163,7 @@ class ReceiptRecorder:
         for delivery in batch:
             envelope = delivery.envelope
             try:
-                receipts.append(decode_receipt(envelope.body, envelope.content_type))
+                receipts.extend(decode_receipts(envelope.body, envelope.content_type))
             except MalformedMessageError as e:
                 malformed += 1
                 _log.warning(

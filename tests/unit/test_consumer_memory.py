@@ -171,3 +171,54 @@ async def test_stop_gives_back_what_was_not_handled(memory: InMemoryBroker, db: 
     await consumer.stop()
     assert memory.queue_depth(consumer.queue) == 3  # still there for the next worker
     assert count(db, inbox_table) == 0
+
+
+async def test_a_failure_in_a_shared_transaction_reruns_the_batch_one_message_at_a_time(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    calls: list[str] = []
+    consumer = Consumer("billing", engine=db, broker=memory, config=FAST)
+
+    @consumer.handler("orders.created", retry_delay=timedelta(milliseconds=10))
+    def handle(message: IncomingMessage, session: Any) -> None:
+        calls.append(message.payload)
+        record(message, session)
+        if message.payload == "bad" and message.attempt == 1:
+            raise RuntimeError("poison")
+
+    await consumer.start()
+    try:
+        payloads = ["a", "b", "bad", "c", "d"]
+        await memory.publish([make_envelope("orders.created", p) for p in payloads])
+        await wait_for(lambda: count(db) == 5)
+    finally:
+        await consumer.stop()
+    assert sorted(values(db)) == sorted(payloads)  # every effect once
+    assert consumer.metrics.batch_fallbacks._value.get() == 1
+    # The shared transaction ran all five, the rerun each alone, then the retry of "bad".
+    assert calls.count("a") == 2
+    assert calls.count("bad") == 3
+
+
+async def test_batch_size_one_gives_each_message_its_own_transaction(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    calls: list[str] = []
+    config = ConsumerConfig(batch_size=1, retry_tiers=FAST.retry_tiers)
+    consumer = Consumer("billing", engine=db, broker=memory, config=config)
+
+    @consumer.handler("orders.created", retry_delay=timedelta(milliseconds=10))
+    def handle(message: IncomingMessage, session: Any) -> None:
+        calls.append(message.payload)
+        record(message, session)
+        if message.payload == "bad" and message.attempt == 1:
+            raise RuntimeError("poison")
+
+    await consumer.start()
+    try:
+        await memory.publish([make_envelope("orders.created", p) for p in ["a", "bad", "b"]])
+        await wait_for(lambda: count(db) == 3)
+    finally:
+        await consumer.stop()
+    assert sorted(calls) == ["a", "b", "bad", "bad"]  # the failure reran nothing else
+    assert consumer.metrics.batch_fallbacks._value.get() == 0

@@ -32,7 +32,9 @@ from outbox.receipts import (
     MAX_DETAIL,
     Receipt,
     decode_receipt,
+    decode_receipts,
     encode_receipt,
+    encode_receipts,
     receipts_exchange,
     receipts_queue,
     record_receipts,
@@ -260,8 +262,9 @@ async def test_receipts_go_to_the_receipts_exchange_in_the_wire_format(
 
     assert channel.declared == [("outbox.receipts", aio_pika.ExchangeType.TOPIC, True)]
     messages = channel.exchange.published
-    assert [(key, mandatory) for _, key, mandatory in messages] == [("billing", True)] * 2
-    first, second = (decode_receipt(m.body, m.content_type) for m, _, _ in messages)
+    # Both went out as one message: a batch is one JSON array on the wire.
+    assert [(key, mandatory) for _, key, mandatory in messages] == [("billing", True)]
+    first, second = decode_receipts(messages[0][0].body, messages[0][0].content_type)
     assert (first.message_id, first.group, first.outcome, first.detail) == (
         mid,
         "billing",
@@ -346,3 +349,16 @@ async def test_receipts_sent_after_close_are_dropped(
 
     assert channel.exchange.published == []
     assert count(metrics.receipts_dropped, reason="stopped") == 1
+
+
+def test_a_batch_body_is_an_array_checked_as_a_whole() -> None:
+    sent = [receipt(), receipt(outcome="dead", detail="rejected: x")]
+    assert decode_receipts(encode_receipts(sent)) == sent
+    assert decode_receipts(encode_receipt(sent[0])) == [sent[0]]  # one object still reads
+    bad = json.loads(encode_receipts(sent))
+    bad[1]["outcome"] = "eaten"
+    with pytest.raises(MalformedMessageError, match=r"receipt \[1\]: receipt outcome"):
+        decode_receipts(json.dumps(bad).encode())
+    for body in (b"[]", b"[1]", b'"x"'):
+        with pytest.raises(MalformedMessageError):
+            decode_receipts(body)
