@@ -105,10 +105,11 @@ class ConsumerConfig:
     prefetch: int = 64
     """Unacknowledged messages per queue: the window the worker works on."""
     concurrency: int = 16
-    """Handlers running at once (threads for sync handlers); a batch counts as one."""
+    """Handlers running at once (threads for sync handlers)."""
     batch_size: int = 32
-    """Most messages of plain SQLAlchemy handlers that share one transaction (the messages
-    waiting when a slot frees up); 1 gives every message a transaction of its own."""
+    """Most messages of plain SQLAlchemy handlers that share one transaction (those waiting
+    when a batch can start; ``prefetch // batch_size`` batches run at once, 1 to
+    ``concurrency``); 1 gives every message a transaction of its own."""
     retry_tiers: tuple[timedelta, ...] = DEFAULT_RETRY_TIERS
     """Delay queues for retries; each backoff waits in the first tier at least as long."""
     inbox_retention: timedelta = timedelta(days=14)

@@ -107,6 +107,7 @@ class Consumer:
         self._inflight: set[asyncio.Task[None]] = set()
         self._batch: deque[tuple[Received, IncomingMessage, HandlerSpec]] = deque()
         self._batched = asyncio.Event()
+        self._batch_slots = asyncio.Semaphore(_batches_in_flight(self.config))
         self._batcher_task: asyncio.Task[None] | None = None
         self._lanes: dict[str | None, deque[Received]] = {}
         self._stopping = asyncio.Event()
@@ -313,6 +314,7 @@ class Consumer:
         config.validate()
         self.config = config
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._batch_slots = asyncio.Semaphore(_batches_in_flight(config))
         if amqp_url:
             self.amqp_url = amqp_url
         if database_url:
@@ -398,12 +400,15 @@ class Consumer:
         """Hand the buffered messages to handler slots, as many per transaction as are waiting.
 
         Nothing waits to fill a batch: under light load a batch is the one or two
-        messages at hand; under load, messages pile up while every slot is busy,
-        so batches grow with the load, up to ``batch_size``.
+        messages at hand; under load, messages pile up while the batches in flight
+        run, so batches grow with the load, up to ``batch_size``. At most
+        ``prefetch // batch_size`` batches run at once (1 to ``concurrency``): more
+        would split the prefetch window into small batches, and a batch's cost is
+        mostly per transaction, not per message.
         """
         while True:
             await self._batched.wait()
-            await self._slots.acquire()
+            await self._batch_slots.acquire()
             await asyncio.sleep(0)  # deliveries read in the same burst join this batch
             batch = [
                 self._batch.popleft() for _ in range(min(self.config.batch_size, len(self._batch)))
@@ -411,7 +416,7 @@ class Consumer:
             if not self._batch:
                 self._batched.clear()
             if not batch:
-                self._slots.release()
+                self._batch_slots.release()
                 continue
             task = asyncio.create_task(self._handle_batch(batch))
             self._inflight.add(task)
@@ -445,7 +450,7 @@ class Consumer:
             for raw, message, spec in batch:
                 await self._process(raw, message, spec)
         finally:
-            self._slots.release()
+            self._batch_slots.release()
 
     def _execute_batch_sync(
         self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
@@ -769,6 +774,10 @@ class Consumer:
             database = False
         broker = self._transport is not None and self._transport.connected
         return {"database": database, "broker": broker}
+
+
+def _batches_in_flight(config: ConsumerConfig) -> int:
+    return max(1, min(config.concurrency, config.prefetch // config.batch_size))
 
 
 def _attempt(raw: Received) -> int:
