@@ -1,0 +1,1 @@
+"""The billing app: an invoice for every order the web shop announces."""

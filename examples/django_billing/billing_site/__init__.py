@@ -1,0 +1,1 @@
+"""The billing example's Django project: settings only, since it serves no pages."""

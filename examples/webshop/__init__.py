@@ -1,0 +1,1 @@
+"""The web shop example: a Flask service that publishes ``orders.created`` with each order."""
