@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,9 @@ def import_object(spec: str) -> Any:
         raise ConfigurationError(
             f"{spec!r} is not of the form module:object (for example myapp.messaging:ob)"
         )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # As `python -m` does: the application's modules are found from where it is run.
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:

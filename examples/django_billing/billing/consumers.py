@@ -2,7 +2,7 @@
 
 Run it with this folder on the import path::
 
-    PYTHONPATH=. outbox consume billing.consumers:consumer
+    outbox consume billing.consumers:consumer
 
 The handler runs with Django's ORM inside ``transaction.atomic()``, together with
 the group's inbox row: a message delivered twice makes one invoice, and a handler
