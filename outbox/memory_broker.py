@@ -5,7 +5,8 @@ It follows RabbitMQ where the framework depends on it: topic routing with
 as ``RETURNED``), at-least-once delivery (an unacknowledged delivery is
 redelivered with ``redelivered=True``, back at its original place in the queue).
 It can also misbehave on request (``nack_next``, ``fail_next``) so tests can
-drive the error paths. Nothing survives the process.
+drive the error paths, and a subclass can lose acks (``drops_ack``), as
+``outbox.testing.FaultyBroker`` does. Nothing survives the process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from outbox.errors import BrokerError, ConfigurationError
 from outbox.topics import topic_matches, validate_pattern
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Sequence
+    from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
     from outbox.envelope import Envelope
 
@@ -43,6 +44,7 @@ class MemoryDelivery:
     _queue: _Queue
     _generation: int
     _settled: bool = False
+    _broker: InMemoryBroker | None = field(default=None, repr=False)
 
     @property
     def envelope(self) -> Envelope:
@@ -55,8 +57,12 @@ class MemoryDelivery:
         return self._entry.redelivered
 
     async def ack(self) -> None:
-        """Remove the message from its queue for good."""
+        """Remove the message from its queue for good (unless the broker loses the ack)."""
         self._settle()
+        if self._broker is not None and self._broker.drops_ack(self.envelope):
+            # The ack never arrived: the broker still holds the message and hands it out
+            # again, as RabbitMQ does when the consumer's channel closes before its ack.
+            self._queue.requeue(self._entry)
         self._queue.wake()  # a prefetch slot is free again
 
     async def nack(self, *, requeue: bool) -> None:
@@ -113,6 +119,7 @@ class InMemoryBroker:
         self._connected = False
         self._up = asyncio.Event()
         self._seq = itertools.count()
+        self._delayed = 0
         self.published: list[Envelope] = []
         """Every envelope the broker confirmed, in order (duplicates included)."""
         self.publish_counts: defaultdict[str, int] = defaultdict(int)
@@ -147,6 +154,20 @@ class InMemoryBroker:
                 queue.requeue(delivery._entry)
             queue.unacked.clear()
             queue.wake()
+
+    @property
+    def delayed(self) -> int:
+        """Messages sent with a ``delay`` (``send_to_queue``) that have not reached their queue."""
+        return self._delayed
+
+    def drops_ack(self, envelope: Envelope) -> bool:
+        """Tell whether the ack of a delivery of ``envelope`` is lost; never, here.
+
+        A subclass that answers True simulates a consumer whose ack never reached
+        the broker: the message goes back to its queue, marked redelivered, instead
+        of being removed.
+        """
+        return False
 
     def nack_next(self, count: int = 1) -> None:
         """Make the next ``count`` published messages come back ``NACKED``."""
@@ -216,7 +237,7 @@ class InMemoryBroker:
         while self._connected and q.generation == generation:
             if q.ready and len(q.unacked) < prefetch:
                 entry = q.ready.popleft()
-                delivery = MemoryDelivery(entry, q, generation)
+                delivery = MemoryDelivery(entry, q, generation, _broker=self)
                 q.unacked.add(delivery)
                 yield delivery
                 continue
@@ -233,14 +254,35 @@ class InMemoryBroker:
         if queue not in self._queues:
             raise BrokerError(f"queue {queue!r} does not exist; declare_queue() it first")
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self._enqueue, queue, envelope)
+            self._delayed += 1
+            asyncio.get_running_loop().call_later(delay, self._land, queue, envelope)
             return
         self._enqueue(queue, envelope)
+
+    def rearrange(
+        self, queue: str, arrange: Callable[[list[Envelope]], Iterable[Envelope]]
+    ) -> None:
+        """Replace the ready messages of ``queue`` with ``arrange(them)``, in its order.
+
+        ``arrange`` may reorder, repeat or leave out messages; unacknowledged
+        deliveries are not touched. For tests that shuffle or duplicate what a
+        consumer will receive.
+        """
+        q = self._queues[queue]
+        ready = [entry.envelope for entry in q.ready]
+        q.ready.clear()
+        for envelope in arrange(ready):
+            q.ready.append(_Entry(next(self._seq), envelope, False))
+        q.wake()
 
     def messages(self, queue: str) -> list[Envelope]:
         """The messages in ``queue`` (ready ones in order, then unacknowledged ones)."""
         q = self._queues[queue]
         return [e.envelope for e in q.ready] + [d.envelope for d in q.unacked]
+
+    def _land(self, queue: str, envelope: Envelope) -> None:
+        self._delayed -= 1
+        self._enqueue(queue, envelope)
 
     def _enqueue(self, queue: str, envelope: Envelope) -> None:
         q = self._queues[queue]
