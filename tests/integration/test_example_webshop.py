@@ -14,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import outbox
+from outbox.testing import capture_published
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -130,3 +131,22 @@ def test_a_refused_request_writes_nothing(client: FlaskClient, db: sa.Engine) ->
     assert orders(db) == []
     assert messages(db) == []
     assert client.get("/orders/1").status_code == 404
+
+
+def test_what_a_request_published_seen_through_the_test_kit(
+    client: FlaskClient, db: sa.Engine
+) -> None:
+    """The way a user tests their own endpoint: ``outbox.testing.capture_published``."""
+    with capture_published(db) as published:
+        response = client.post("/orders", json={"customer": "ada", "total_cents": 4200})
+    order = response.get_json()
+    published.assert_one(
+        "orders.created",
+        payload={"order_id": order["id"], "customer": "ada", "total_cents": 4200},
+        key="customer-ada",
+    )
+
+    with capture_published(db) as published:
+        refused = client.post("/orders", json={"customer": "bob", "total_cents": -1})
+    assert refused.status_code == 400
+    published.assert_none()
