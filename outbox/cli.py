@@ -45,7 +45,12 @@ database_url_option = click.option(
 
 @click.group(
     cls=LazyGroup,
-    lazy={"relay": "relay.cli:relay", "consume": "consumer.cli:consume"},
+    lazy={
+        "relay": "relay.cli:relay",
+        "consume": "consumer.cli:consume",
+        "notify": "consumer.notify.cli:notify",
+        "demo": "outbox.demo.cli:demo",
+    },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option(

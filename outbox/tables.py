@@ -34,8 +34,11 @@ from sqlalchemy.dialects.postgresql import JSONB
 __all__ = [
     "SHARD_COUNT",
     "MessageStatus",
+    "NotificationStatus",
     "inbox_table",
     "metadata",
+    "notification_attempt_table",
+    "notification_table",
     "outbox_table",
     "receipt_table",
     "shard_of",
@@ -61,6 +64,14 @@ class MessageStatus(enum.StrEnum):
     DEAD = "dead"  # gave up (attempts or checks exhausted); last_error says why
 
 
+class NotificationStatus(enum.StrEnum):
+    """Where a notification of the notify service is (``consumer.notify``, DESIGN §1.4)."""
+
+    PENDING = "pending"  # attempts remain: due at next_attempt_at
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    ABANDONED = "abandoned"  # attempts used up, or the endpoint answered 410 Gone
+
+
 metadata = MetaData()
 
 # bigint identity on PostgreSQL (as Django makes it); SQLite auto-increments only
@@ -69,6 +80,7 @@ _BigId = BigInteger().with_variant(Integer(), "sqlite")
 # jsonb on PostgreSQL (as Django's JSONField makes it); plain JSON text elsewhere.
 _Json = JSON().with_variant(JSONB(), "postgresql")
 _STATUSES = ", ".join(f"'{s.value}'" for s in MessageStatus)
+_NOTIFICATION_STATUSES = ", ".join(f"'{s.value}'" for s in NotificationStatus)
 
 outbox_table = Table(
     "outbox_message",
@@ -167,6 +179,72 @@ receipt_table = Table(
     UniqueConstraint(
         "message_id", "consumer_group", "outcome", name="uq_outbox_receipt_message_group_outcome"
     ),
+)
+
+notification_table = Table(
+    "outbox_notification",
+    metadata,
+    Column("id", _BigId, Identity(), primary_key=True),
+    Column("message_id", Uuid(), nullable=False),
+    Column("subscription", String(100), nullable=False),
+    Column("topic", String(255), nullable=False),
+    Column("key", String(255), nullable=True),
+    # The decoded payload: the request body is built from it at each attempt.
+    Column("payload", _Json, nullable=False),
+    # When the producer wrote the message: the body's "timestamp".
+    Column("message_created_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(16), nullable=False),
+    # Attempts whose outcome was recorded; a call cut short by a crash is not counted.
+    Column("attempts", Integer(), nullable=False),
+    # The attempt after which a failure abandons the notification: the schedule's length,
+    # raised by the schedule's length again on each manual retry.
+    Column("max_attempts", Integer(), nullable=False),
+    # pending: when the next attempt is due, or, while claimed, when the claim lapses.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    # A notify process's claim on the row: who, and until when; an expired claim is void.
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Column("last_status_code", SmallInteger(), nullable=True),
+    Column("last_error", Text(), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Column("abandoned_at", DateTime(timezone=True), nullable=True),
+    # One notification per message and subscription, even if the inbox row that guards
+    # the consumer was purged before a replay; also serves look-ups by message id.
+    UniqueConstraint(
+        "message_id", "subscription", name="uq_outbox_notification_message_subscription"
+    ),
+    CheckConstraint(f"status IN ({_NOTIFICATION_STATUSES})", name="ck_outbox_notification_status"),
+    # Each subscription's due rows in due order, and nothing else: the claim reads one
+    # subscription at a time, so one endpoint's backlog is never scanned for another's,
+    # and delivered or abandoned history does not grow the index.
+    Index(
+        "ix_outbox_notification_due",
+        "subscription",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+    # The query API's since/until filter and the retention purge.
+    Index("ix_outbox_notification_created", "created_at"),
+)
+
+notification_attempt_table = Table(
+    "outbox_notification_attempt",
+    metadata,
+    Column("id", _BigId, Identity(), primary_key=True),
+    # No foreign key: the purge deletes attempts with their notification, and a constraint
+    # would need Django's deferred, hash-named twin to keep the two schemas identical.
+    Column("notification_id", BigInteger(), nullable=False),
+    Column("attempt", Integer(), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("duration_ms", Integer(), nullable=False),
+    # NULL when no HTTP answer came (connection error, timeout).
+    Column("status_code", SmallInteger(), nullable=True),
+    Column("error", Text(), nullable=True),
+    # A notification's attempts, in order.
+    Index("ix_outbox_notification_attempt", "notification_id", "attempt"),
 )
 
 

@@ -18,13 +18,13 @@ import django
 from django.db import models
 from django.db.models import Q
 
-from outbox.tables import MessageStatus
+from outbox.tables import MessageStatus, NotificationStatus
 
 if TYPE_CHECKING:
     import uuid
     from datetime import datetime
 
-__all__ = ["InboxEntry", "OutboxMessage", "Receipt"]
+__all__ = ["InboxEntry", "Notification", "NotificationAttempt", "OutboxMessage", "Receipt"]
 
 # Each field is annotated with the types it takes and gives (Field[set, get]): without
 # django-stubs' mypy plugin, which needs a settings module, mypy cannot infer them.
@@ -32,6 +32,7 @@ __all__ = ["InboxEntry", "OutboxMessage", "Receipt"]
 # In MessageStatus order, which is part of the CHECK constraint's text. Taken from the
 # enum so that a new status makes `makemigrations --check` ask for a migration.
 _STATUSES = [status.value for status in MessageStatus]
+_NOTIFICATION_STATUSES = [status.value for status in NotificationStatus]
 
 
 def _check_constraint(condition: Q, name: str) -> models.CheckConstraint:
@@ -154,3 +155,89 @@ class Receipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.message_id} {self.consumer_group} {self.outcome}"
+
+
+class Notification(models.Model):
+    """One message to call one subscription's endpoint with (``outbox.notification_table``)."""
+
+    id: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
+    message_id: models.UUIDField[uuid.UUID, uuid.UUID] = models.UUIDField()
+    subscription: models.CharField[str, str] = models.CharField(max_length=100)
+    topic: models.CharField[str, str] = models.CharField(max_length=255)
+    key: models.CharField[str | None, str | None] = models.CharField(max_length=255, null=True)
+    payload: models.JSONField[Any, Any] = models.JSONField()
+    message_created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField()
+    status: models.CharField[str, str] = models.CharField(max_length=16)
+    attempts: models.IntegerField[int, int] = models.IntegerField()
+    max_attempts: models.IntegerField[int, int] = models.IntegerField()
+    next_attempt_at: models.DateTimeField[datetime, datetime] = models.DateTimeField()
+    claimed_by: models.CharField[str | None, str | None] = models.CharField(
+        max_length=64, null=True
+    )
+    claimed_until: models.DateTimeField[datetime | None, datetime | None] = models.DateTimeField(
+        null=True
+    )
+    last_status_code: models.SmallIntegerField[int | None, int | None] = models.SmallIntegerField(
+        null=True
+    )
+    last_error: models.TextField[str | None, str | None] = models.TextField(null=True)
+    created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField()
+    updated_at: models.DateTimeField[datetime, datetime] = models.DateTimeField()
+    delivered_at: models.DateTimeField[datetime | None, datetime | None] = models.DateTimeField(
+        null=True
+    )
+    abandoned_at: models.DateTimeField[datetime | None, datetime | None] = models.DateTimeField(
+        null=True
+    )
+
+    class Meta:
+        db_table = "outbox_notification"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message_id", "subscription"],
+                name="uq_outbox_notification_message_subscription",
+            ),
+            _check_constraint(
+                Q(status__in=_NOTIFICATION_STATUSES), "ck_outbox_notification_status"
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["subscription", "next_attempt_at"],
+                name="ix_outbox_notification_due",
+                condition=Q(status="pending"),
+            ),
+            models.Index(fields=["created_at"], name="ix_outbox_notification_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subscription} {self.message_id} ({self.status})"
+
+
+class NotificationAttempt(models.Model):
+    """One HTTP call of a notification (``outbox.notification_attempt_table``).
+
+    ``notification_id`` is a plain column, not a ``ForeignKey``: the SQLAlchemy schema
+    has no constraint there (see ``outbox/tables.py``).
+    """
+
+    id: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
+    notification_id: models.BigIntegerField[int, int] = models.BigIntegerField()
+    attempt: models.IntegerField[int, int] = models.IntegerField()
+    started_at: models.DateTimeField[datetime, datetime] = models.DateTimeField()
+    duration_ms: models.IntegerField[int, int] = models.IntegerField()
+    status_code: models.SmallIntegerField[int | None, int | None] = models.SmallIntegerField(
+        null=True
+    )
+    error: models.TextField[str | None, str | None] = models.TextField(null=True)
+
+    class Meta:
+        db_table = "outbox_notification_attempt"
+        indexes = [
+            models.Index(
+                fields=["notification_id", "attempt"], name="ix_outbox_notification_attempt"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"notification {self.notification_id} attempt {self.attempt}"

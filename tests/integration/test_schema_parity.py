@@ -22,7 +22,7 @@ import outbox
 
 # Bookkeeping of the migration tools, and the stand-in business table of test_django.py.
 IGNORED_TABLES = {"django_migrations", "outbox_alembic_version", "t_business"}
-FRAMEWORK_TABLES = {"outbox_message", "outbox_inbox", "outbox_receipt"}
+FRAMEWORK_TABLES = set(outbox.metadata.tables)
 
 MakeSchema = Callable[[], tuple[str, sa.Engine]]
 
