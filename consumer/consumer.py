@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from consumer.receipts import ReceiptPublisher
     from consumer.transport import Received, Transport
     from outbox.memory_broker import InMemoryBroker
+    from outbox.receipts import Outcome
 
 __all__ = ["Consumer"]
 
@@ -303,6 +304,23 @@ class Consumer:
     def run(self) -> None:
         """Run the worker in this process until SIGTERM or SIGINT (blocking)."""
         asyncio.run(self.serve())
+
+    def send_receipt(
+        self,
+        message_id: str,
+        outcome: Outcome,
+        detail: str | None = None,
+        *,
+        group: str | None = None,
+    ) -> None:
+        """Report an outcome of ``message_id`` to ``outbox status``, as the worker does itself.
+
+        Best-effort like every receipt (``consumer.receipts``): a no-op while the
+        consumer is not running or receipts are off. ``group`` overrides the name
+        the receipt is filed under.
+        """
+        if self._receipts is not None:
+            self._receipts.send(message_id, outcome, detail, group=group)
 
     def configure(self, **overrides: Any) -> None:
         """Replace configuration values before ``start()`` (the CLI's flags use this)."""

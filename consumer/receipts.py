@@ -106,8 +106,18 @@ class ReceiptPublisher:
         self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
         self._task = asyncio.create_task(self._run(), name=f"outbox-receipts-{self._group}")
 
-    def send(self, message_id: str | None, outcome: Outcome, detail: str | None = None) -> None:
+    def send(
+        self,
+        message_id: str | None,
+        outcome: Outcome,
+        detail: str | None = None,
+        *,
+        group: str | None = None,
+    ) -> None:
         """Queue the receipt of ``message_id``; never blocks, never raises.
+
+        ``group`` names the receiver in the receipt instead of the consumer group
+        (the notify service reports each subscription as ``<group>:<name>``).
 
         A message id that is not a UUID (a malformed message) has no outbox row
         to report on, so it sends nothing.
@@ -122,7 +132,7 @@ class ReceiptPublisher:
                 return
             receipt = Receipt(
                 message_id=mid,
-                group=self._group,
+                group=group or self._group,
                 outcome=outcome,
                 detail=detail,
                 at=datetime.now(UTC),

@@ -32,9 +32,12 @@ from outbox.logs import get_logger, redact_url
 from outbox.tables import NotificationStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from consumer.notify.config import NotifyConfig, Subscription
     from consumer.notify.metrics import NotifyMetrics
     from consumer.notify.store import Claimed, NotifyStore
+    from outbox.receipts import Outcome
 
 __all__ = ["Dispatcher"]
 
@@ -53,8 +56,17 @@ class Dispatcher:
     No I/O happens before ``start()``.
     """
 
-    def __init__(self, config: NotifyConfig, store: NotifyStore, metrics: NotifyMetrics) -> None:
+    def __init__(
+        self,
+        config: NotifyConfig,
+        store: NotifyStore,
+        metrics: NotifyMetrics,
+        on_outcome: Callable[[str, Outcome, str], None] | None = None,
+    ) -> None:
+        """``on_outcome(message_id, "delivered" | "abandoned", subscription)`` is told each
+        notification's final outcome once it is recorded (the service sends receipts)."""
         self.config = config
+        self._on_outcome = on_outcome
         self._store = store
         self._metrics = metrics
         self._subscriptions = {s.name: s for s in config.subscriptions}
@@ -246,6 +258,11 @@ class Dispatcher:
         self._breaker_gauge(sub.name)
         if not await self._settle(row, result, status, delay, reason):
             return
+        if self._on_outcome is not None and status is not NotificationStatus.PENDING:
+            outcome: Outcome = (
+                "delivered" if status is NotificationStatus.DELIVERED else "abandoned"
+            )
+            self._on_outcome(row.message_id, outcome, sub.name)
         if status is NotificationStatus.DELIVERED:
             self._metrics.delivered.labels(sub.name).inc()
             log.info(

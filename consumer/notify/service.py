@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from consumer.message import IncomingMessage
     from consumer.notify.config import NotifyConfig
+    from outbox.receipts import Outcome
 
 __all__ = ["NotifyService"]
 
@@ -120,6 +121,10 @@ class NotifyService:
         # Wake the dispatcher once the rows are committed; before, its claim would miss them.
         event.listen(session.sync_session, "after_commit", self._committed, once=True)
 
+    def _receipt(self, message_id: str, outcome: Outcome, subscription: str) -> None:
+        """File the outcome for ``outbox status`` as ``<group>:<subscription>``."""
+        self.consumer.send_receipt(message_id, outcome, group=f"{self.config.group}:{subscription}")
+
     def _committed(self, session: Session) -> None:
         if self.dispatcher is not None:
             self.dispatcher.wake()
@@ -130,7 +135,7 @@ class NotifyService:
         """Bind the query API, start consuming, start calling; returns once all run."""
         self._engine = make_async_engine(self._database_url, pool_size=4, max_overflow=16)
         self.store = NotifyStore(self._engine, self.worker_id)
-        self.dispatcher = Dispatcher(self.config, self.store, self.metrics)
+        self.dispatcher = Dispatcher(self.config, self.store, self.metrics, self._receipt)
         self.api = QueryAPI(self.store, self.config, on_retry=self.dispatcher.wake)
         # Schema and API port first: either failing stops the start before anything is
         # consumed.

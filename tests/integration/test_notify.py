@@ -30,7 +30,7 @@ from waiting import wait_for
 
 import outbox
 from consumer.notify import NotifyService, load_config
-from outbox.tables import notification_table
+from outbox.tables import notification_table, receipt_table
 from relay import Relay, RelayConfig
 
 pytestmark = pytest.mark.integration
@@ -134,6 +134,18 @@ async def world(
     await delete_topology(amqp_url, unique_name)
 
 
+def receipts(engine: sa.Engine, message_id: str) -> list[tuple[str, str]]:
+    """(group, outcome) of the receipts the relay recorded for the message, but consumed ones."""
+    t = receipt_table
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.consumer_group, t.c.outcome).where(
+                t.c.message_id == sa.cast(message_id, sa.Uuid()), t.c.outcome != "consumed"
+            )
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
 def failing_first(times: int, status: int = 503) -> Callable[[str, int], int]:
     """An endpoint that fails ``times`` calls of each message, then answers 200."""
     seen: dict[str, int] = {}
@@ -161,7 +173,12 @@ async def test_a_committed_message_reaches_the_partner_signed_through_relay_and_
 
     async with Relay(relay):
         await wait_for(world.settled(message.message_id, "delivered"))
+        # The outcome comes back as a receipt, filed per subscription, for `outbox status`.
+        await wait_for(lambda: bool(receipts(pg_engine, message.message_id)))
 
+    [(group, outcome)] = receipts(pg_engine, message.message_id)
+    assert outcome == "delivered"
+    assert group.endswith(":partner")
     [call] = world.partner.calls
     assert call.signature_valid
     assert call.body == {
