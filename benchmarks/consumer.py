@@ -91,6 +91,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import Figure, write_json  # noqa: E402  (benchmarks/, next to this script)
+
 import outbox  # noqa: E402
 from consumer import Consumer, ConsumerConfig, IncomingMessage  # noqa: E402
 from consumer.inbox import inbox_insert, inbox_row  # noqa: E402
@@ -1388,6 +1390,34 @@ RAW = "(a) raw consume + ack"
 DB = "(b) raw + psycopg INSERT + COMMIT"
 
 
+def figures(summary: Sequence[Result], raw: Result, db: Result) -> list[Figure]:
+    """The figures benchmarks/run reports: every Consumer arm against (a), the first against (b)."""
+    found: list[Figure] = []
+    for index, result in enumerate(r for r in summary if r.label.startswith("(c)")):
+        found.append(
+            Figure(
+                name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
+                value=result.rate,
+                unit="msg/s",
+                baseline_name="raw aio-pika consume + ack",
+                baseline=raw.rate,
+                target=0.7 if index == 0 else None,
+                note="; ".join(result.problems),
+            )
+        )
+        if index == 0:
+            found.append(
+                Figure(
+                    name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
+                    value=result.rate,
+                    unit="msg/s",
+                    baseline_name="raw consume + psycopg INSERT + COMMIT per message",
+                    baseline=db.rate,
+                )
+            )
+    return found
+
+
 def median(results: Sequence[Result], label: str) -> Result:
     """The round with the median rate (the lower one of two), its spread in ``note``."""
     rounds = sorted((r for r in results if r.label == label), key=lambda r: r.rate)
@@ -1446,6 +1476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="profile even with --quick")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s (100)")
     parser.add_argument("--keep-profile", type=Path, help="copy py-spy's output to this folder")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.messages = min(args.messages, 2000)
@@ -1600,6 +1631,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"summary ({what}ratios against (a) raw consume+ack and (b) raw + INSERT):")
         for line in show(summary, raw, db):
             print(line, flush=True)
+        if args.json:
+            write_json(args.json, "consumer", figures(summary, raw, db), messages=n)
 
         if not args.no_units:
             iterations = 300 if args.quick else 1000

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 # Run as a script from a checkout: make the project importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from report import Figure, write_json
+
 import outbox
 from outbox.tables import SHARD_COUNT, outbox_table
 
@@ -713,6 +715,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time one outbox row step by step (client CPU, hot loop)",
     )
     parser.add_argument("--schema", default=f"bench_producer_{os.getpid()}")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/run)")
     return parser.parse_args(argv)
 
 
@@ -740,6 +743,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"layout trial, {res.clients} clients, {layout}: (a) {rates_s} tx/s")
     if results:
         print_table(results, args.target)
+    if args.json:
+        write_json(
+            args.json,
+            "producer",
+            [
+                figure
+                for res in results
+                for figure in (
+                    Figure(
+                        name=f"producer: order + outbox.publish, {res.clients} client(s)",
+                        value=res.rate("c"),
+                        unit="tx/s",
+                        baseline_name="order + hand-written outbox INSERT",
+                        baseline=res.rate("b"),
+                        target=args.target if res.clients == max(clients) else None,
+                    ),
+                    Figure(
+                        name=f"producer: order + outbox.publish, {res.clients} client(s)",
+                        value=res.rate("c"),
+                        unit="tx/s",
+                        baseline_name="order alone, no outbox row",
+                        baseline=res.rate("a"),
+                    ),
+                )
+            ],
+            seconds=args.seconds,
+            rounds=args.rounds,
+        )
     return 0
 
 
