@@ -31,9 +31,13 @@ queue is purged after every measurement.
    scans the dead entries of the due index. The claim statement's plan (``EXPLAIN
    (ANALYZE, BUFFERS)``, rolled back), idle and with a full batch due, closes each arm.
 
-``--phases experiments`` (not run by default) drains with prototypes of the changes the
-profile suggests, patched into this process only: publishing without the per-message
-timeout, publishing on aiormq directly, and a keyed read over a bounded prefix.
+``--phases experiments`` (not run by default) drains in-process with earlier versions of
+the relay's parts patched back in, interleaved with the relay as it is: the publishing
+path through ``aio_pika.Message`` and ``Exchange.publish`` with a timeout per message,
+and the keyed read that numbered and sorted every pending keyed row with its payload.
+``--phases publish`` publishes the same keyless messages four ways (aio-pika, aiormq
+``basic_publish`` with and without its wait for the write, and a prototype that writes a
+whole window at once) and reports the publishing process's CPU per message.
 
 CPU time of the relay process, its PostgreSQL backends, all PostgreSQL processes,
 RabbitMQ and the whole machine is read from /proc around each measurement.
@@ -72,7 +76,7 @@ import sqlalchemy as sa
 from sqlalchemy import text
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
     from multiprocessing.connection import Connection as PipeEnd
 
     from aio_pika.abc import AbstractIncomingMessage
@@ -82,6 +86,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from report import Figure, write_json  # noqa: E402  (benchmarks/, next to this script)
+
 import outbox  # noqa: E402
 from outbox.engines import make_async_engine, make_engine  # noqa: E402
 from outbox.envelope import Envelope, WireFormat  # noqa: E402
@@ -90,7 +96,7 @@ from outbox.producer import Producer  # noqa: E402
 from outbox.tables import SHARD_COUNT, outbox_table  # noqa: E402
 from relay.config import RelayConfig  # noqa: E402
 from relay.relay import Relay  # noqa: E402
-from relay.store import RelayStore  # noqa: E402
+from relay.store import _PREFIX_BATCHES, RelayStore  # noqa: E402
 
 DEFAULT_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -626,10 +632,24 @@ async def raw_aio_pika(stage: Stage, envelopes: Sequence[Envelope]) -> Raw:
     return Raw("raw aio-pika", len(props), seconds, cpu)
 
 
-async def raw_aiormq(stage: Stage, envelopes: Sequence[Envelope]) -> Raw:
-    """Confirmed publishing with aiormq (aio-pika's driver): ``gather`` over windows."""
+Window = list[tuple[bytes, str, aiormq.spec.Basic.Properties]]
+
+
+async def raw_aiormq(
+    stage: Stage,
+    envelopes: Sequence[Envelope],
+    *,
+    wait: bool = True,
+    one_write: bool = False,
+    label: str = "raw aiormq",
+) -> Raw:
+    """Confirmed publishing with aiormq (aio-pika's driver): ``gather`` over windows.
+
+    ``wait=False``: ``basic_publish`` does not wait for each frame to be written (as the
+    relay publishes). ``one_write``: the prototype of ``_publish_window_one_write``.
+    """
     wire = WireFormat(exchange=stage.exchange)
-    messages = []
+    messages: Window = []
     for e in envelopes:
         p = e.amqp_properties(wire)
         properties = aiormq.spec.Basic.Properties(
@@ -646,25 +666,63 @@ async def raw_aiormq(stage: Stage, envelopes: Sequence[Envelope]) -> Raw:
         meter = CpuMeter(stage.admin, os.getpid()).start()
         t0 = time.perf_counter()
         for i in range(0, len(messages), WINDOW):
-            answers = await asyncio.gather(
-                *(
-                    channel.basic_publish(
-                        body,
-                        exchange=stage.exchange,
-                        routing_key=topic,
-                        properties=properties,
-                        mandatory=True,
+            window = messages[i : i + WINDOW]
+            if one_write:
+                answers = await _publish_window_one_write(channel, stage.exchange, window)
+            else:
+                answers = await asyncio.gather(
+                    *(
+                        channel.basic_publish(
+                            body,
+                            exchange=stage.exchange,
+                            routing_key=topic,
+                            properties=properties,
+                            mandatory=True,
+                            wait=wait,
+                        )
+                        for body, topic, properties in window
                     )
-                    for body, topic, properties in messages[i : i + WINDOW]
                 )
-            )
             if not all(isinstance(a, aiormq.spec.Basic.Ack) for a in answers):
-                raise RuntimeError("raw aiormq: a message was not acked")
+                raise RuntimeError(f"{label}: a message was not acked")
         seconds = time.perf_counter() - t0
         cpu = await asyncio.to_thread(meter.stop)
     finally:
         await connection.close()
-    return Raw("raw aiormq", len(messages), seconds, cpu)
+    return Raw(label, len(messages), seconds, cpu)
+
+
+async def _publish_window_one_write(
+    channel: aiormq.abc.AbstractChannel, exchange: str, window: Window
+) -> list[object]:
+    """Prototype, not for production: the frames of a whole window in one write.
+
+    It registers each confirm the way ``basic_publish`` does, in aiormq's internal
+    state (``delivery_tag``, ``confirmations``, ``message_id_delivery_tag``, checked
+    against aiormq 7.2; no clean-up of the message-id map, no bodies beyond one frame),
+    which aiormq offers no API for.
+    """
+    from aiormq.abc import ChannelFrame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    ch: Any = channel
+    frames: list[Any] = []
+    confirmations = []
+    async with ch.lock:
+        for body, topic, properties in window:
+            ch.delivery_tag += 1
+            confirmation = ch.create_future()
+            ch.confirmations[ch.delivery_tag] = confirmation
+            ch.message_id_delivery_tag[properties.message_id] = ch.delivery_tag
+            confirmations.append(confirmation)
+            frames += [
+                aiormq.spec.Basic.Publish(exchange=exchange, routing_key=topic, mandatory=True),
+                ContentHeader(properties=properties, body_size=len(body)),
+                ContentBody(body),
+            ]
+        await ch.write_queue.put(ChannelFrame.marshall(channel_number=ch.number, frames=frames))
+    return list(await asyncio.gather(*confirmations))
 
 
 # --------------------------------------------------------------------------- producer process
@@ -1242,61 +1300,107 @@ def print_snapshot(arms: list[SnapshotArm], n: int, target: float) -> None:
     print("  producer: msg/s it committed during (a); other: mean load of other processes")
 
 
+# --------------------------------------------------------------------------- publishing paths
+
+
+async def phase_publish(stage: Stage, n: int, rounds: int) -> list[tuple[str, list[Raw]]]:
+    """The same keyless messages published four ways; CPU per message of this process."""
+    print(f"\n== publishing paths: {n} messages, windows of {WINDOW}, one channel ==", flush=True)
+    envelopes = envelopes_of(make_rows(n, "keyless"))
+    paths: list[tuple[str, Callable[[Stage, Sequence[Envelope]], Awaitable[Raw]]]] = [
+        ("aio_pika.Message + Exchange.publish", raw_aio_pika),
+        ("aiormq basic_publish", partial(raw_aiormq, label="basic_publish")),
+        ("aiormq basic_publish, wait=False", partial(raw_aiormq, wait=False, label="no wait")),
+        ("one write per window (prototype)", partial(raw_aiormq, one_write=True, label="one")),
+    ]
+    results: dict[str, list[Raw]] = {label: [] for label, _ in paths}
+    for r in range(rounds):
+        for label, publish in paths:
+
+            async def measure(
+                publish: Callable[[Stage, Sequence[Envelope]], Awaitable[Raw]] = publish,
+            ) -> Raw:
+                await purge(stage)
+                raw = await publish(stage, envelopes)
+                depth = await purge(stage)
+                if depth != n:
+                    print(f"    note: {raw.label}: the queue held {depth} for {n}", flush=True)
+                return raw
+
+            raw = await steady(stage, label, measure)
+            results[label].append(raw)
+            us = raw.cpu.per_message_us(raw.cpu.relay, n)
+            print(f"  [{r + 1}] {label:<36} {raw.rate:6.0f} msg/s  {us:4.0f} us/msg", flush=True)
+    return list(results.items())
+
+
+def print_publish(results: list[tuple[str, list[Raw]]]) -> None:
+    print("\npublishing paths (medians; CPU us per message of the publishing process):")
+    header = f"{'path':<36} {'msg/s':>6} {'CPU':>5} {'RabbitMQ':>8} {'other':>6}"
+    print(header)
+    print("-" * len(header))
+    for label, raws in results:
+        n = raws[0].messages
+        rate = statistics.median(r.rate for r in raws)
+        cpu = statistics.median(r.cpu.per_message_us(r.cpu.relay, n) for r in raws)
+        rabbit = statistics.median(r.cpu.per_message_us(r.cpu.rabbit, n) for r in raws)
+        other = statistics.fmean(r.cpu.other for r in raws)
+        print(f"{label:<36} {rate:>6.0f} {cpu:>5.0f} {rabbit:>8.0f} {other:>5.0f}%")
+
+
 # --------------------------------------------------------------------------- experiments
 #
-# Prototypes of changes suggested by the profile, patched into this process only (the
-# relay's code is not edited); drains run in-process so that the patches apply.
+# The relay as it is against earlier versions of its publishing path and keyed read,
+# patched into this process only; drains run in-process so that the patches apply.
 
 
-async def _publish_one_no_timeout(self: Any, exchange: Any, envelope: Envelope) -> object:
-    """``RabbitMQBroker._publish_one`` without the per-message timeout and in-flight Event."""
-    message = aio_pika.Message(envelope.body, **envelope.amqp_properties(self._wire))
-    return await exchange.publish(message, envelope.topic, mandatory=True)
+async def _publish_window_aio_pika(
+    self: Any, session: Any, envelopes: Sequence[Envelope], ids: list[str], deadline: float
+) -> list[Any]:
+    """The earlier publishing path: an ``aio_pika.Message`` and ``Exchange.publish`` per
+    message, each under its own ``asyncio.timeout``, its id guarded by an ``Event``."""
+    in_flight: dict[str, asyncio.Event] = {}
+
+    async def one(envelope: Envelope) -> object:
+        message = aio_pika.Message(envelope.body, **envelope.amqp_properties(self._wire))
+        while (earlier := in_flight.get(envelope.message_id)) is not None:
+            await earlier.wait()
+        done = in_flight[envelope.message_id] = asyncio.Event()
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                return await session.exchange.publish(message, envelope.topic, mandatory=True)
+        finally:
+            del in_flight[envelope.message_id]
+            done.set()
+
+    answers = await asyncio.gather(*(one(e) for e in envelopes), return_exceptions=True)
+    return [self._result(e, a) for e, a in zip(envelopes, answers, strict=True)]
 
 
-async def _publish_one_aiormq(self: Any, exchange: Any, envelope: Envelope) -> object:
-    """Straight on the aiormq channel under aio-pika: no ``aio_pika.Message``, no timeout."""
-    p = envelope.amqp_properties(self._wire)
-    channel = await exchange.channel.get_underlay_channel()
-    return await channel.basic_publish(
-        envelope.body,
-        exchange=exchange.name,
-        routing_key=envelope.topic,
-        mandatory=True,
-        properties=aiormq.spec.Basic.Properties(
-            message_id=p["message_id"],
-            content_type=p["content_type"],
-            delivery_mode=p["delivery_mode"],
-            timestamp=p["timestamp"],
-            headers=p["headers"],
-        ),
-    )
-
-
-# The keyed read over a bounded prefix: the first ``window`` pending keyed rows by id
-# (narrow columns), numbered per key; a key's first row in an id-ordered prefix is its head.
-KEYED_PREFIX = text(
-    "SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.content_type, m.headers, "
-    "m.created_at, m.attempts FROM outbox_message m JOIN ("
-    " SELECT id FROM ("
-    "  SELECT id, row_number() OVER (PARTITION BY key ORDER BY id) AS rn,"
-    "   first_value(next_attempt_at) OVER (PARTITION BY key ORDER BY id) AS head_due"
-    "  FROM (SELECT id, key, next_attempt_at FROM outbox_message"
-    "   WHERE status = 'pending' AND key IS NOT NULL AND shard = ANY(:shards)"
-    "   ORDER BY id LIMIT :window) w0"
-    " ) w WHERE rn <= :lookahead AND head_due <= now() ORDER BY id LIMIT :limit"
-    ") s USING (id) ORDER BY m.id"
+# The earlier keyed read: every pending keyed row of the shards numbered per key and
+# sorted with its payload on every round (``held`` added so that it fits today's loop).
+KEYED_FULL = text(
+    "SELECT id, message_id, topic, key, payload, content_type, headers, created_at, attempts"
+    " FROM (SELECT *, row_number() OVER (PARTITION BY key ORDER BY id) AS rn,"
+    "  first_value(next_attempt_at) OVER (PARTITION BY key ORDER BY id) AS head_due"
+    "  FROM outbox_message WHERE status = 'pending' AND key IS NOT NULL"
+    "  AND shard = ANY(:shards) AND key <> ALL(:held)) k"
+    " WHERE rn <= :lookahead AND head_due <= now() ORDER BY id LIMIT :limit"
 )
 
 
-async def _fetch_keyed_prefix(
-    self: Any, conn: Any, shards: Sequence[int], limit: int, lookahead: int
+async def _fetch_keyed_full(
+    self: Any,
+    conn: Any,
+    shards: Sequence[int],
+    limit: int,
+    lookahead: int,
+    held: Collection[str] = (),
 ) -> list[Any]:
     from relay.store import _row
 
-    params = {"shards": list(shards), "limit": limit, "lookahead": lookahead}
-    result = await conn.execute(KEYED_PREFIX, {**params, "window": 10 * limit})
-    return [_row(r, counted=False) for r in result]
+    params = {"shards": list(shards), "held": list(held), "limit": limit, "lookahead": lookahead}
+    return [_row(r, counted=False) for r in await conn.execute(KEYED_FULL, params)]
 
 
 @contextlib.contextmanager
@@ -1329,41 +1433,21 @@ class Experiment:
 async def phase_experiments(stage: Stage, n: int, rounds: int, timeout: float) -> list[Experiment]:
     from outbox.rabbitmq import RabbitMQBroker
 
-    print(f"\n== experiments: prototypes patched in-process, {rounds} rounds ==", flush=True)
-    arms: list[tuple[str, str, int, object, str, object]] = [
-        (f"keyless {n}: relay as is", "keyless", n, RabbitMQBroker, "_publish_one", None),
-        (
-            f"keyless {n}: no per-message timeout/Event",
-            "keyless",
-            n,
-            RabbitMQBroker,
-            "_publish_one",
-            _publish_one_no_timeout,
-        ),
-        (
-            f"keyless {n}: publish on aiormq directly",
-            "keyless",
-            n,
-            RabbitMQBroker,
-            "_publish_one",
-            _publish_one_aiormq,
-        ),
-        (f"keyed {n}: fetch as is", "keyed", n, RelayStore, "fetch_keyed", None),
-        (f"keyed {n}: prefix fetch", "keyed", n, RelayStore, "fetch_keyed", _fetch_keyed_prefix),
-        (f"keyed {3 * n}: fetch as is", "keyed", 3 * n, RelayStore, "fetch_keyed", None),
-        (
-            f"keyed {3 * n}: prefix fetch",
-            "keyed",
-            3 * n,
-            RelayStore,
-            "fetch_keyed",
-            _fetch_keyed_prefix,
-        ),
+    print(f"\n== experiments: earlier versions patched in-process, {rounds} rounds ==", flush=True)
+    publish = (RabbitMQBroker, "_publish_window")
+    read = (RelayStore, "fetch_keyed")
+    arms: list[tuple[str, str, int, tuple[object, str], object]] = [
+        (f"keyless {n}: relay as is", "keyless", n, publish, None),
+        (f"keyless {n}: earlier publishing path", "keyless", n, publish, _publish_window_aio_pika),
+        (f"keyed {n}: read as is", "keyed", n, read, None),
+        (f"keyed {n}: earlier full read", "keyed", n, read, _fetch_keyed_full),
+        (f"keyed {3 * n}: read as is", "keyed", 3 * n, read, None),
+        (f"keyed {3 * n}: earlier full read", "keyed", 3 * n, read, _fetch_keyed_full),
     ]
     results = {label: Experiment(label) for label, *_ in arms}
     rows = {(v, size): make_rows(size, v) for _, v, size, *_ in arms}
     for r in range(rounds):
-        for label, variant, size, owner, name, value in arms if r % 2 == 0 else arms[::-1]:
+        for label, variant, size, (owner, name), value in arms if r % 2 == 0 else arms[::-1]:
 
             async def measure(
                 label: str = label,
@@ -1393,19 +1477,23 @@ async def phase_experiments(stage: Stage, n: int, rounds: int, timeout: float) -
 
 
 def explain_keyed(stage: Stage, pending: int) -> list[str]:
-    """Execution time of the keyed read, as is and over a prefix, with ``pending`` keyed rows."""
+    """Execution time of the keyed read as is and of the earlier full read, ``pending`` rows."""
     config = RelayConfig(database_url=stage.relay_url)
-    params = {
+    params: dict[str, Any] = {
         "shards": list(range(SHARD_COUNT)),
+        "held": [],
         "limit": config.batch_size,
         "lookahead": config.key_lookahead,
     }
     store = RelayStore(stage.engine, "bench-explain")  # type: ignore[arg-type]
-    state = store._keyed.compile(dialect=stage.engine.dialect).construct_expanded_state(params)
-    prefix = KEYED_PREFIX.compile(dialect=stage.engine.dialect)
+    compiled = store._keyed.compile(dialect=stage.engine.dialect)
+    full = KEYED_FULL.compile(dialect=stage.engine.dialect)
+    # The first prefix the relay reads, rows per shard (it reads further only if that gives
+    # too little).
+    part = -(-config.batch_size * _PREFIX_BATCHES // SHARD_COUNT)
     statements = {
-        "as is": (state.statement, state.parameters),
-        "prefix": (prefix.string, {**params, "window": 10 * config.batch_size}),
+        "as is": (compiled.string, {**compiled.params, **params, "part": part}),
+        "earlier full read": (full.string, params),
     }
     stage.truncate()
     stage.insert(make_rows(pending, "keyed"))
@@ -1471,6 +1559,90 @@ def print_machine(stage: Stage, rabbit_version: str) -> None:
     )
 
 
+# --------------------------------------------------------------------------- sweep and report
+
+
+async def phase_sweep(
+    stage: Stage, seconds: float, rates: Sequence[float]
+) -> list[dict[str, float]]:
+    """Latency percentiles at each offered load (keyless, default relay): the latency plot."""
+    print(f"\n== latency sweep, {seconds:g} s per load: {', '.join(f'{r:g}' for r in rates)} ==")
+    points = []
+    for rate in rates:
+        label = f"keyless at {rate:g} msg/s"
+        run = partial(latency_run, stage, label, "keyless", {}, seconds, rate)
+        result = await steady(stage, label, run)
+        point = {
+            "rate": rate,
+            "committed_rate": result.rate,
+            "p50": result.pct(50),
+            "p90": result.pct(90),
+            "p99": result.pct(99),
+            "max": max(result.ms),
+            "lost": float(result.sent - result.received),
+        }
+        points.append(point)
+        print(
+            f"  {label:<24} p50 {point['p50']:6.2f}  p90 {point['p90']:6.2f}  "
+            f"p99 {point['p99']:6.2f}  max {point['max']:7.2f} ms",
+            flush=True,
+        )
+    await purge(stage)
+    return points
+
+
+def figures_of(
+    drains: list[DrainRow] | None,
+    latencies: list[Latency] | None,
+    arms: list[SnapshotArm] | None,
+    n: int,
+    rate: float,
+) -> list[Figure]:
+    """The figures benchmarks/run reports, with the targets of the relay's issue."""
+    found: list[Figure] = []
+    for row in drains or []:
+        start = _med([d.from_start for d in row.in_process]) or 0.0
+        sub = _med([d.from_ready for d in row.subprocess]) or 0.0
+        found.append(
+            Figure(
+                name=f"relay drain of {n} rows, {row.variant} (best of in-process, subprocess)",
+                value=max(start, sub),
+                unit="msg/s",
+                baseline_name="raw aio-pika confirmed publish",
+                baseline=_med([r.rate for r in row.aio_pika]),
+                target=0.85,
+            )
+        )
+    for r in latencies or []:
+        for q, target in ((50, 5.0), (99, 25.0)):
+            found.append(
+                Figure(
+                    name=f"relay commit-to-consumer p{q}, {r.label}, {rate:g} msg/s",
+                    value=r.pct(q),
+                    unit="ms",
+                    target=target,
+                    lower_is_better=True,
+                )
+            )
+    if arms:
+        base, held = arms
+        for what, a, b in (
+            ("while producing", held.first, base.first),
+            ("second drain", held.second, base.second),
+        ):
+            found.append(
+                Figure(
+                    name=f"relay drain with a snapshot held open, {what}",
+                    value=a.from_ready,
+                    unit="msg/s",
+                    baseline_name="the same with no snapshot held",
+                    baseline=b.from_ready,
+                    target=0.8,
+                )
+            )
+    return found
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("OUTBOX_BENCH_URL", DEFAULT_DB))
@@ -1482,16 +1654,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--phases",
         default="drain,latency,snapshot",
-        help="comma-separated; also: experiments (prototypes of suggested changes, ~2 min)",
+        help=(
+            "comma-separated; also: experiments (earlier versions against today's, ~4 min), "
+            "publish (four ways to publish a confirm window, ~1 min)"
+        ),
     )
     parser.add_argument("--timeout", type=float, default=180.0, help="per drain, seconds")
     parser.add_argument("--quick", action="store_true", help="2000 messages, 5 s latency runs")
     parser.add_argument("--verbose", action="store_true", help="print the claim plans in full")
     parser.add_argument("--schema", default=f"bench_relay_{os.getpid()}")
+    parser.add_argument(
+        "--sweep",
+        default="50,200,500,1000",
+        help="offered loads, msg/s, of the latency sweep (phase sweep; docs/latency.png)",
+    )
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.messages = min(args.messages, 2000)
         args.latency_seconds = min(args.latency_seconds, 5.0)
+        if args.sweep == parser.get_default("sweep"):
+            args.sweep = "100,400"
     return args
 
 
@@ -1529,6 +1712,13 @@ async def run(args: argparse.Namespace) -> int:
                 args.rate,
                 args.verbose,
             )
+        sweep = None
+        if "sweep" in phases:
+            rates = [float(r) for r in args.sweep.split(",") if r.strip()]
+            sweep = await phase_sweep(stage, min(args.latency_seconds, 10.0), rates)
+        publish_paths = None
+        if "publish" in phases:
+            publish_paths = await phase_publish(stage, args.messages, max(args.rounds, 2))
         experiments = None
         if "experiments" in phases:
             experiments = await phase_experiments(
@@ -1541,8 +1731,18 @@ async def run(args: argparse.Namespace) -> int:
             print_latency(latencies, 5.0, 25.0)
         if arms:
             print_snapshot(arms, args.messages, 0.8)
+        if publish_paths:
+            print_publish(publish_paths)
         if experiments:
             print_experiments(experiments)
+        if args.json:
+            write_json(
+                args.json,
+                "relay",
+                figures_of(drains, latencies, arms, args.messages, args.rate),
+                messages=args.messages,
+                latency_sweep=sweep,
+            )
         print(f"\ntotal {time.perf_counter() - started:.0f} s")
     finally:
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ Keyed messages keep their order: a round publishes them in waves, the n-th
 message of every key in wave n, so a later message of a key is sent only after
 the earlier one was confirmed, and a key whose message failed sits out the rest
 of the round and then waits for its backoff, holding back nothing but itself.
+Two keyed rounds overlap, never on the same key.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Relay:
         self._scheduler: AsyncIOScheduler | None = None
         self._health: HealthServer | None = None
         self._shards: ShardOwner | None = None
+        self._next_rebalance = 0.0
         self._store: RelayStore | None = None
         self._log = get_logger("outbox.relay").bind(relay_id=config.relay_id)
         self._totals = {"published": 0, "retried": 0, "dead": 0}
@@ -274,48 +276,104 @@ class Relay:
             await self._settle(published, failures)
 
     async def _keyed_loop(self) -> None:
-        cfg, store = self.config, self._require_store()
+        """Read and publish keyed rounds, two at a time.
+
+        The next round is read and published while the previous one still waits for
+        confirms or is being settled. Its read leaves out every key of the round in
+        flight (``held``): a key is in one round at a time and is read again only once
+        that round's outcome is committed, and within a round ``_publish_keyed`` sends
+        its messages one wave after another. So per key nothing changes; rounds of
+        different keys overlap.
+        """
+        cfg = self.config
         idle = cfg.poll_min.total_seconds()
-        next_rebalance = 0.0
-        while not self._stopping.is_set():
-            if not await self._broker_ready():
-                continue
-            owner = self._shards
-            try:
-                if owner is not None:
-                    if owner.conn is None:
-                        await owner.open()
-                        self._log.info("relay.joined", slot=owner.slot)
-                        next_rebalance = 0.0
-                    if time.monotonic() >= next_rebalance:
-                        await self._rebalance(owner)
-                        next_rebalance = time.monotonic() + cfg.rebalance_interval.total_seconds()
-                    if not owner.owned or owner.conn is None:
-                        await self._sleep(cfg.rebalance_interval.total_seconds())
-                        continue
-                    rows = await store.fetch_keyed(
-                        owner.conn, owner.owned, cfg.batch_size, cfg.key_lookahead
-                    )
-                else:
-                    async with store.engine.connect() as conn:
-                        rows = await store.fetch_keyed(
-                            conn, _ALL_SHARDS, cfg.batch_size, cfg.key_lookahead
-                        )
-            except _DB_ERRORS as e:
-                if owner is not None and owner.owned:
-                    # The session holding the locks is gone or failing: another relay may
-                    # own these shards now. Publish nothing more from them until re-taken.
-                    self._log.warning("relay.shards_lost", shards=len(owner.owned), error=_short(e))
-                if owner is not None:
-                    await owner.close()
-                    self.metrics.shards.set(0)
-                raise
-            if not rows:
-                await self._sleep(idle)
-                idle = min(idle * 2, cfg.poll_max.total_seconds())
-                continue
-            idle = cfg.poll_min.total_seconds()
+        held: set[str] = set()
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping.is_set():
+                if not await self._broker_ready():
+                    continue
+                if in_flight is not None and self._rebalance_due():
+                    # Shards are given up only with nothing of theirs unsettled.
+                    await in_flight
+                    in_flight = None
+                rows = await self._read_keyed(held, in_flight)
+                if rows is None:
+                    continue
+                if not rows:
+                    if in_flight is not None:
+                        # Maybe only keys of the round in flight have messages left.
+                        await in_flight
+                        in_flight = None
+                    else:
+                        await self._sleep(idle)
+                        idle = min(idle * 2, cfg.poll_max.total_seconds())
+                    continue
+                idle = cfg.poll_min.total_seconds()
+                keys = {row.envelope.key or "" for row in rows}
+                held |= keys
+                started = asyncio.create_task(self._keyed_round(rows, keys, held))
+                try:
+                    if in_flight is not None:
+                        await in_flight
+                finally:
+                    in_flight = started
+        except BaseException:
+            if in_flight is not None:
+                if _cancelling():
+                    in_flight.cancel()  # stop() ran out of time: the round goes with the loop
+                await asyncio.wait([in_flight])  # its own error, if any, is second to this one
+            raise
+        if in_flight is not None:
+            await in_flight
+
+    def _rebalance_due(self) -> bool:
+        owner = self._shards
+        return owner is not None and (
+            owner.conn is None or time.monotonic() >= self._next_rebalance
+        )
+
+    async def _read_keyed(
+        self, held: set[str], in_flight: asyncio.Task[None] | None
+    ) -> list[Row] | None:
+        """The rows of the next keyed round; None when this relay owns no shard (after a pause)."""
+        cfg, store, owner = self.config, self._require_store(), self._shards
+        if owner is None:
+            async with store.engine.connect() as conn:
+                return await store.fetch_keyed(
+                    conn, _ALL_SHARDS, cfg.batch_size, cfg.key_lookahead, held
+                )
+        try:
+            if owner.conn is None:
+                await owner.open()
+                self._log.info("relay.joined", slot=owner.slot)
+                self._next_rebalance = 0.0
+            if time.monotonic() >= self._next_rebalance:
+                await self._rebalance(owner)
+                self._next_rebalance = time.monotonic() + cfg.rebalance_interval.total_seconds()
+            if not owner.owned or owner.conn is None:
+                await self._sleep(cfg.rebalance_interval.total_seconds())
+                return None
+            return await store.fetch_keyed(
+                owner.conn, owner.owned, cfg.batch_size, cfg.key_lookahead, held
+            )
+        except _DB_ERRORS as e:
+            if owner.owned:
+                # The session holding the locks is gone or failing: another relay may
+                # own these shards now. Publish nothing more from them until re-taken.
+                self._log.warning("relay.shards_lost", shards=len(owner.owned), error=_short(e))
+            if in_flight is not None:
+                # Settle the round in flight while the locks may still be held.
+                await asyncio.wait([in_flight])
+            await owner.close()
+            self.metrics.shards.set(0)
+            raise
+
+    async def _keyed_round(self, rows: list[Row], keys: set[str], held: set[str]) -> None:
+        try:
             await self._publish_keyed(rows)
+        finally:
+            held.difference_update(keys)
 
     async def _checkback_loop(self) -> None:
         sweep = self._sweep
@@ -512,6 +570,12 @@ class Relay:
         if self._store is None:
             raise RuntimeError("the relay is not started")
         return self._store
+
+
+def _cancelling() -> bool:
+    """True if the current task was asked to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _ids(row: Row) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +181,40 @@ class BrokerContract:
             PublishOutcome.RETURNED,
             PublishOutcome.CONFIRMED,
         ]
+
+    async def test_one_message_id_twice_in_a_batch_keeps_each_copy_its_outcome(
+        self, broker: Broker, prefix: str
+    ) -> None:
+        await broker.declare_queue(f"{prefix}.q", [f"{prefix}.routed"])
+        routed = make_envelope(f"{prefix}.routed")
+        lost = replace(routed, topic=f"{prefix}.nowhere")
+
+        results = await broker.publish([lost, routed, lost])
+
+        assert [(r.message_id, r.outcome) for r in results] == [
+            (routed.message_id, PublishOutcome.RETURNED),
+            (routed.message_id, PublishOutcome.CONFIRMED),
+            (routed.message_id, PublishOutcome.RETURNED),
+        ]
+
+    async def test_one_message_id_in_two_concurrent_batches_keeps_each_its_outcome(
+        self, broker: Broker, prefix: str
+    ) -> None:
+        # A relay may publish a row again while its earlier publish is still in flight
+        # (an expired lease); a returned copy must not be reported as the confirmed one.
+        await broker.declare_queue(f"{prefix}.q", [f"{prefix}.routed"])
+        routed = make_envelope(f"{prefix}.routed")
+        lost = replace(routed, topic=f"{prefix}.nowhere")
+        others = [make_envelope(f"{prefix}.routed") for _ in range(20)]
+
+        first, second = await asyncio.gather(
+            broker.publish([lost]), broker.publish([*others[:10], routed, *others[10:]])
+        )
+
+        assert [(r.message_id, r.outcome) for r in first] == [
+            (routed.message_id, PublishOutcome.RETURNED)
+        ]
+        assert [r.outcome for r in second] == [PublishOutcome.CONFIRMED] * 21
 
     async def test_empty_batch_gives_no_results(self, broker: Broker) -> None:
         assert await broker.publish([]) == []

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,10 +23,17 @@ from sqlalchemy.orm import Session
 from waiting import wait_for
 
 import outbox
+from outbox.broker import PublishOutcome, PublishResult
+from outbox.engines import make_async_engine
 from outbox.errors import ConfigurationError
 from outbox.memory_broker import InMemoryBroker
 from relay import Relay, RelayConfig, UnroutablePolicy
 from relay.store import RelayStore
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from outbox.envelope import Envelope
 
 FAST = {
     "poll_min": timedelta(milliseconds=1),
@@ -155,6 +163,115 @@ async def test_a_retrying_key_holds_back_only_itself(
         assert {e.key for e in broker.published} == {"free", None}
 
     assert statuses(engine) == {"pending": 4, "published": 6}
+
+
+async def test_a_key_in_backoff_at_the_front_of_the_backlog_holds_back_only_itself(
+    engine: sa.Engine, broker: InMemoryBroker
+) -> None:
+    # Given a key whose head failed and waits 5 s, with more of its messages queued than
+    # a batch reads at once, and other keys' messages only behind them
+    produce(engine, 1, key=lambda i: "stuck")
+    broker.nack_next(1)
+    slow_retry = {"retry_base": timedelta(seconds=5), "retry_max": timedelta(seconds=5)}
+
+    async with relay_for(engine, broker, batch_size=2, **slow_retry):
+        await wait_for(lambda: statuses(engine) == {"pending": 1} and attempts(engine) == [1])
+        await asyncio.to_thread(produce, engine, 30, key=lambda i: "stuck" if i < 25 else "free")
+
+        # Then the other key's messages go out while the stuck key waits
+        await wait_for(lambda: len(broker.published) == 5)
+        await asyncio.sleep(0.3)
+        assert {e.key for e in broker.published} == {"free"}
+
+
+async def test_a_key_with_a_long_queue_does_not_starve_the_keys_behind_it(
+    engine: sa.Engine, broker: InMemoryBroker
+) -> None:
+    # Given one key with far more messages than a batch, then another key
+    produce(engine, 60, key=lambda i: "busy" if i < 59 else "quiet")
+
+    async with relay_for(engine, broker, batch_size=4, key_lookahead=2):
+        await wait_for(lambda: len(broker.published) == 60)
+
+    # Then the other key is published in the first rounds, not after the busy one drained
+    assert [e.key for e in broker.published].index("quiet") < 8
+
+
+class _FlakyBroker(InMemoryBroker):
+    """Nacks a random tenth of the messages it is asked to publish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._random = random.Random(7)
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> list[PublishResult]:
+        results: list[PublishResult] = []
+        for envelope in envelopes:
+            if self._random.random() < 0.1:
+                results.append(PublishResult(envelope.message_id, PublishOutcome.NACKED, "flaky"))
+            else:
+                results += await super().publish([envelope])
+        return results
+
+
+async def test_keys_keep_their_order_through_overlapping_rounds_and_random_nacks(
+    engine: sa.Engine,
+) -> None:
+    # Given many keys, batches smaller than the backlog (so rounds overlap), and a broker
+    # that refuses a tenth of the messages at random
+    produce(engine, 600, key=lambda i: f"k{i % 40}")
+    flaky = _FlakyBroker()
+    await flaky.connect()
+    await flaky.declare_queue("everything", ["#"])
+
+    async with Relay(config_for(engine, batch_size=25, key_lookahead=3), broker=flaky):
+        await wait_for(lambda: statuses(engine) == {"published": 600}, timeout=60)
+
+    # Then per key, the broker took the messages in outbox order, each exactly once
+    seen: dict[str, list[int]] = defaultdict(list)
+    for envelope in flaky.published:
+        seen[str(envelope.key)].append(json.loads(envelope.body)["i"])
+    assert sum(len(order) for order in seen.values()) == 600
+    for key, order in seen.items():
+        assert order == sorted(set(order)), key
+
+
+async def test_headers_and_ids_reach_the_broker_as_committed(
+    engine: sa.Engine, broker: InMemoryBroker
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with Session(engine) as s, s.begin():
+        plain = outbox.publish(s, "orders.created", {"n": 1}, key="k")
+        traced = outbox.publish(
+            s, "orders.created", {"n": 2}, headers={"traceparent": traceparent, "n": 7}
+        )
+
+    async with relay_for(engine, broker):
+        await wait_for(lambda: len(broker.published) == 2)
+
+    got = {e.message_id: e for e in broker.published}
+    assert dict(got[plain.message_id].headers) == {}
+    assert got[plain.message_id].key == "k"
+    assert dict(got[traced.message_id].headers) == {"traceparent": traceparent, "n": 7}
+    assert got[traced.message_id].body == b'{"n":2}'
+
+
+async def test_the_keyed_read_leaves_out_held_keys(engine: sa.Engine) -> None:
+    produce(engine, 6, key=lambda i: ("a", "b", "c")[i % 3])
+    async_engine = make_async_engine(config_for(engine).database_url)
+    try:
+        store = RelayStore(async_engine, "reader")
+        async with async_engine.connect() as conn:
+            rows = await store.fetch_keyed(conn, range(256), 10, 10, held={"b"})
+    finally:
+        await async_engine.dispose()
+
+    assert [(r.envelope.key, json.loads(r.envelope.body)["i"]) for r in rows] == [
+        ("a", 0),
+        ("c", 2),
+        ("a", 3),
+        ("c", 5),
+    ]
 
 
 def attempts(engine: sa.Engine) -> list[int]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 from datetime import timedelta
 
 import aio_pika
@@ -107,12 +109,18 @@ async def _get(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomi
 
 
 class _CuttableProxy:
-    """A TCP proxy to RabbitMQ: ``cut()`` drops its connections and refuses new ones."""
+    """A TCP proxy to RabbitMQ: ``cut()`` drops its connections and refuses new ones.
+
+    ``hold()`` keeps the connections open but stops passing on what RabbitMQ sends
+    (confirms included) until ``release()``.
+    """
 
     def __init__(self, amqp_url: str) -> None:
         self._target = URL(amqp_url)
         self._open = True
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -137,6 +145,12 @@ class _CuttableProxy:
     def restore(self) -> None:
         self._open = True
 
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._open:
             writer.transport.abort()
@@ -146,23 +160,37 @@ class _CuttableProxy:
         )
         self._writers |= {writer, up_writer}
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer),
+            self._pipe(up_reader, writer, self._flowing),
+            return_exceptions=True,
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if flowing is not None:
+                    await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
             writer.transport.abort()
 
 
-def _broker(amqp_url: str, exchange: str, **kwargs: object) -> _TrackedBroker:
+def _broker(
+    amqp_url: str,
+    exchange: str,
+    confirm_timeout: timedelta = timedelta(seconds=5),
+    **kwargs: object,
+) -> _TrackedBroker:
     return _TrackedBroker(
         amqp_url,
         wire=WireFormat(exchange=exchange),
-        confirm_timeout=timedelta(seconds=5),
+        confirm_timeout=confirm_timeout,
         reconnect_interval=timedelta(seconds=0.2),
         connection_name=exchange,
         **kwargs,
@@ -338,6 +366,55 @@ async def test_during_an_outage_publish_raises_broker_error_and_wait_connected_w
             assert (await broker.publish([make_envelope("orders.created")]))[0].confirmed
         finally:
             await broker.close()
+
+
+async def test_a_batch_without_confirms_fails_after_one_confirm_timeout_and_publishing_goes_on(
+    amqp_url: str, unique_name: str, cleanup: set[str]
+) -> None:
+    # Given a broker whose confirms stop arriving (the connection itself stays up)
+    async with _CuttableProxy(amqp_url) as proxy:
+        broker = _broker(proxy.url, unique_name, confirm_timeout=timedelta(seconds=1))
+        await broker.connect()
+        try:
+            await broker.declare_queue(f"{unique_name}.q", ["orders.#"])
+            cleanup |= broker.declared
+            proxy.hold()
+
+            # When a batch is published
+            started = time.monotonic()
+            results = await broker.publish([make_envelope("orders.created", n) for n in range(200)])
+            elapsed = time.monotonic() - started
+
+            # Then the whole batch ends FAILED after one deadline, none reported confirmed
+            assert {(r.outcome, r.reason) for r in results} == {
+                (PublishOutcome.FAILED, "no confirm within 1s")
+            }
+            assert 0.9 < elapsed < 3
+            # And once confirms flow again, the late ones are ignored and publishing works
+            proxy.release()
+            assert (await broker.publish([make_envelope("orders.created")]))[0].confirmed
+        finally:
+            await broker.close()
+
+
+async def test_an_envelope_that_cannot_be_framed_fails_alone(
+    broker: _TrackedBroker, unique_name: str
+) -> None:
+    # Given a batch with one envelope whose headers are not a table (a damaged row)
+    await broker.declare_queue(f"{unique_name}.q", ["orders.#"])
+    damaged = replace(make_envelope("orders.created"), headers=["not", "a", "table"])  # type: ignore[arg-type]
+    batch = [make_envelope("orders.created", 1), damaged, make_envelope("orders.created", 2)]
+
+    results = await broker.publish(batch)
+
+    # Then it ends FAILED with the reason, and the others are confirmed
+    assert [r.message_id for r in results] == [e.message_id for e in batch]
+    assert [r.outcome for r in results] == [
+        PublishOutcome.CONFIRMED,
+        PublishOutcome.FAILED,
+        PublishOutcome.CONFIRMED,
+    ]
+    assert "AMQP properties" in str(results[1].reason)
 
 
 async def test_consumer_survives_a_forced_close_and_stale_deliveries_cannot_be_settled(
