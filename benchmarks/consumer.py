@@ -683,7 +683,12 @@ async def run_consumer(
         "dead": metrics.dead._value.get(),
     }
     problems += [f"{k}={v:.0f}" for k, v in extra.items() if v]
+    batches = metric_sample(metrics, "outbox_consumer_batch_messages_count")
+    if batches:
+        mean = metric_sample(metrics, "outbox_consumer_batch_messages_sum") / batches
     result = finish(stage, label, n, timer, cpu, problems)
+    if batches:
+        result.batches = mean
     if receipts and stage.receipts is not None:
         sent = metric_sum(metrics, "outbox_consumer_receipts_sent")
         dropped = metric_by_label(metrics, "outbox_consumer_receipts_dropped")
@@ -715,6 +720,13 @@ def metric_sum(metrics: Any, name: str) -> float:
         if family.name == name:
             total += sum(s.value for s in family.samples if s.name == f"{name}_total")
     return total
+
+
+def metric_sample(metrics: Any, sample: str) -> float:
+    """One sample of the registry by its full name (a histogram's ``_sum``, ``_count``)."""
+    return sum(
+        s.value for family in metrics.registry.collect() for s in family.samples if s.name == sample
+    )
 
 
 # --------------------------------------------------------------------------- batch prototype

@@ -436,6 +436,7 @@ class Consumer:
             if not batch:
                 self._batch_slots.release()
                 continue
+            self.metrics.batch_size.observe(len(batch))
             task = asyncio.create_task(self._handle_batch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

@@ -51,6 +51,13 @@ class ConsumerMetrics:
             registry=r,
         )
 
+        self.batch_size = Histogram(
+            "outbox_consumer_batch_messages",
+            "Messages per shared transaction of plain handlers",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The metrics in Prometheus text format."""
         return generate_latest(self.registry)
