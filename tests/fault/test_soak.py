@@ -283,9 +283,18 @@ def soak(
     asyncio.run(_cleanup(amqp_url, unique_name))
 
 
-def test_soak_loses_nothing_applies_once_and_keeps_key_order(soak: Soak) -> None:
+def test_soak_loses_nothing_applies_once_and_keeps_key_order(
+    soak: Soak, capsys: pytest.CaptureFixture[str]
+) -> None:
     seed = int(os.environ.get("OUTBOX_SOAK_SEED", random.randrange(1_000_000)))
-    print(f"\n[soak] seed {seed} (OUTBOX_SOAK_SEED={seed} replays this fault schedule)")
+
+    def report(line: str) -> None:
+        # Straight to the terminal, even when the test passes: the figures belong in the
+        # CI log whatever the outcome.
+        with capsys.disabled():
+            print(line, flush=True)
+
+    report(f"\n[soak] seed {seed} (OUTBOX_SOAK_SEED={seed} replays this fault schedule)")
     tap = f"{soak.name}.tap"
     asyncio.run(declare(soak.amqp_url, soak.name, tap))
     for label in ("worker-a", "worker-b"):
@@ -329,7 +338,7 @@ def test_soak_loses_nothing_applies_once_and_keeps_key_order(soak: Soak) -> None
     worker_logs = "".join((soak.tmp / f"{w}.log").read_text() for w in soak.workers)
     absorbed = worker_logs.count('"consumer.duplicate"')
 
-    print(
+    report(
         f"[soak] {len(soak.committed)} messages committed over {produced:.1f}s, "
         f"all applied after {drained:.1f}s; {len(controller.faults)} faults"
     )
@@ -339,15 +348,15 @@ def test_soak_loses_nothing_applies_once_and_keeps_key_order(soak: Soak) -> None
             by_kind[fault.kind].append(fault.recovery)
     for fault in controller.faults:
         recovery = f"{fault.recovery:.2f}s" if fault.recovery is not None else "n/a"
-        print(
+        report(
             f"[soak]   +{fault.at - started:6.1f}s {fault.kind:30} progress again after {recovery}"
         )
     for kind, times in sorted(by_kind.items()):
-        print(
+        report(
             f"[soak] recovery {kind:30} n={len(times)} median {statistics.median(times):.2f}s "
             f"max {max(times):.2f}s"
         )
-    print(
+    report(
         f"[soak] lost {len(lost)}, double effects {len(doubled)}, keys out of order "
         f"{len(out_of_order)}; wire duplicates {sum(wire.values()) - len(wire)} "
         f"(tap queue), duplicates absorbed by the inbox {absorbed} (worker logs)"
