@@ -24,7 +24,8 @@ class Message:
     topic: str
     """Dot-separated topic; the AMQP routing key."""
     key: str | None
-    """Ordering key: messages with the same key are delivered in commit order."""
+    """Ordering key: messages with the same key are published one after another, in the
+    order their rows were written (docs/guarantees.md: what that means for transactions)."""
     payload: Any
     """The decoded payload."""
     headers: Mapping[str, HeaderValue] = field(default_factory=dict)
