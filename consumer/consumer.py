@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import signal
 import time
 import uuid
 from collections import deque
@@ -27,7 +26,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import sqlalchemy as sa
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -45,11 +43,12 @@ from outbox.codec import JSON
 from outbox.engines import make_async_engine, make_engine
 from outbox.envelope import Envelope
 from outbox.errors import ConfigurationError, MalformedMessageError
-from outbox.health import HealthServer
+from outbox.health import HealthServer, database_reachable, serve_until_signal
 from outbox.logs import get_logger, redact_url
 from outbox.tracing import consume_span
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from consumer.receipts import ReceiptPublisher
@@ -291,15 +290,9 @@ class Consumer:
 
     async def serve(self) -> None:
         """Start, consume until SIGTERM or SIGINT, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        try:
-            await self.start()
-            await self._stopping.wait()
-            self._log.info("consumer.stopping")
-        finally:
-            await self.stop()
+        await serve_until_signal(
+            self.start, self.stop, self._stopping, lambda: self._log.info("consumer.stopping")
+        )
 
     def run(self) -> None:
         """Run the worker in this process until SIGTERM or SIGINT (blocking)."""
@@ -479,13 +472,13 @@ class Consumer:
         outcomes: list[str] = []
         with Session(self._engine) as session, session.begin():
             conn = session.connection()
+            ids = [uuid.UUID(message.message_id) for _, message, _ in batch]
             rows = [
-                inbox_row(self.group, uuid.UUID(message.message_id), message.topic)
-                for _, message, _ in batch
+                inbox_row(self.group, mid, message.topic)
+                for mid, (_, message, _) in zip(ids, batch, strict=True)
             ]
             fresh = set(conn.execute(inbox_insert_many(conn.dialect.name), rows).scalars())
-            for _, message, spec in batch:
-                mid = uuid.UUID(message.message_id)
+            for mid, (_, message, spec) in zip(ids, batch, strict=True):
                 if mid not in fresh:  # handled before, or a second copy within this batch
                     outcomes.append(_DUPLICATE)
                     continue
@@ -784,15 +777,8 @@ class Consumer:
             )
 
     async def _health_checks(self) -> dict[str, bool]:
-        database = True
-        try:
-            assert self._async_engine is not None
-            async with self._async_engine.connect() as conn:
-                await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), 2)
-        except Exception:
-            database = False
         broker = self._transport is not None and self._transport.connected
-        return {"database": database, "broker": broker}
+        return {"database": await database_reachable(self._async_engine), "broker": broker}
 
 
 def _batches_in_flight(config: ConsumerConfig) -> int:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["ALL_INTERFACES", "HealthCheck", "HealthServer"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = [
+    "ALL_INTERFACES",
+    "HealthCheck",
+    "HealthServer",
+    "database_reachable",
+    "serve_until_signal",
+]
 
 # Probes come from outside the host (kubelet, Prometheus): bind every interface by default.
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104
@@ -80,3 +92,37 @@ class HealthServer:
             pass  # a client that sends no request or hangs up gets nothing
         finally:
             writer.close()
+
+
+async def database_reachable(engine: AsyncEngine | None, timeout: float = 2.0) -> bool:
+    """True when ``engine`` answers ``SELECT 1`` within ``timeout`` seconds (for /healthz)."""
+    if engine is None:
+        return False
+    try:
+        async with engine.connect() as conn:
+            await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), timeout)
+    except Exception:
+        return False
+    return True
+
+
+async def serve_until_signal(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    stopping: asyncio.Event,
+    on_signal: Callable[[], None] | None = None,
+) -> None:
+    """Start, run until SIGTERM or SIGINT sets ``stopping``, then stop (also after an error).
+
+    ``on_signal`` runs when the signal arrives (a log line), before ``stop``.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+        if on_signal is not None:
+            on_signal()
+    finally:
+        await stop()

@@ -31,7 +31,7 @@ from outbox.broker import PublishOutcome, PublishResult
 from outbox.engines import make_async_engine
 from outbox.envelope import WireFormat
 from outbox.errors import BrokerError, DatabaseError
-from outbox.health import HealthServer
+from outbox.health import HealthServer, database_reachable
 from outbox.logs import get_logger
 from outbox.tables import SHARD_COUNT, outbox_table
 from relay.checkbacks import CheckbackSweep
@@ -543,12 +543,7 @@ class Relay:
                 last = dict(self._totals)
 
     async def _health_checks(self) -> dict[str, bool]:
-        database = True
-        try:
-            async with self._require_store().engine.connect() as conn:
-                await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), 2)
-        except Exception:
-            database = False
+        database = await database_reachable(self._store.engine if self._store else None)
         return {"database": database, "broker": self._broker is not None and self._broker.connected}
 
     # -- helpers ------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from consumer.notify.metrics import NotifyMetrics
 from consumer.notify.store import NotifyStore, record_notifications
 from outbox.engines import make_async_engine
 from outbox.errors import ConfigurationError
-from outbox.health import HealthServer
+from outbox.health import HealthServer, database_reachable, serve_until_signal
 from outbox.logs import get_logger, redact_url
 
 if TYPE_CHECKING:
@@ -172,15 +171,9 @@ class NotifyService:
 
     async def serve(self) -> None:
         """Start, run until SIGTERM or SIGINT, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
-        try:
-            await self.start()
-            await self._stopping.wait()
-            self._log.info("notify.stopping")
-        finally:
-            await self.stop()
+        await serve_until_signal(
+            self.start, self.stop, self._stopping, lambda: self._log.info("notify.stopping")
+        )
 
     def run(self) -> None:
         """Run the service in this process until SIGTERM or SIGINT (blocking)."""
@@ -205,12 +198,5 @@ class NotifyService:
         return self.metrics.render() + self.consumer.metrics.render()
 
     async def _health_checks(self) -> dict[str, bool]:
-        database = True
-        try:
-            assert self._engine is not None
-            async with self._engine.connect() as conn:
-                await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), 2)
-        except Exception:
-            database = False
         running = self.dispatcher is not None and self.dispatcher.running
-        return {"database": database, "dispatcher": running}
+        return {"database": await database_reachable(self._engine), "dispatcher": running}
