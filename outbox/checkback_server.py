@@ -35,13 +35,12 @@ from typing import TYPE_CHECKING, Any
 from outbox.errors import ConfigurationError
 from outbox.half import Verdict
 from outbox.ids import normalize_message_id
+from outbox.jsonhttp import HttpError, JsonHttpServer, Reply, Request
 from outbox.logs import get_logger
 from outbox.message import HeaderValue, Message
 from outbox.topics import validate_topic
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from outbox.half import AsyncOutbox, Outbox
 
 __all__ = [
@@ -70,17 +69,6 @@ MAX_BODY = 1024 * 1024
 MIN_SECRET_LENGTH = 16
 """A shorter secret could be guessed offline from one captured request."""
 _SCHEME = "v1"
-_READ_TIMEOUT = 10.0  # seconds a client may take to send its request
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    413: "Content Too Large",
-    500: "Internal Server Error",
-}
 _HEADER_TYPES = (str, int, float, bool, type(None))
 
 
@@ -182,16 +170,7 @@ def decode_request(body: bytes) -> Message:
     )
 
 
-class _Reply(Exception):
-    """Ends a request early with this status and error (control flow inside ``_respond``)."""
-
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-
-
-class CheckbackServer:
+class CheckbackServer(JsonHttpServer):
     """Serves the outbox's registered check-backs to a remote relay over signed HTTP.
 
     ``POST {path}`` with a signed message answers 200 ``{"verdict": ...}`` from
@@ -205,6 +184,9 @@ class CheckbackServer:
     ``"0.0.0.0"`` for a relay on another host (and put TLS in front of it when
     the network is not trusted: the signature authenticates, it does not encrypt).
     """
+
+    max_body = MAX_BODY
+    require_length = True
 
     def __init__(
         self,
@@ -223,21 +205,11 @@ class CheckbackServer:
             raise ConfigurationError(f"max_skew must be a positive timedelta, got {max_skew!r}")
         if not 0 <= port <= 65535:
             raise ConfigurationError(f"port must be 0-65535, got {port}")
+        super().__init__(host, port)
         self._outbox = outbox
-        self._host = host
-        self._port = port
         self._path = path
         self._max_skew = max_skew.total_seconds()
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
         self._log = get_logger("outbox.checkback_server")
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with ``port=0``); raises ``RuntimeError`` before ``start()``."""
-        if self._server is None:
-            raise RuntimeError("the check-back server is not started")
-        return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -247,117 +219,51 @@ class CheckbackServer:
 
     async def start(self) -> None:
         """Listen; returns once the socket is bound."""
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        await super().start()
         self._log.info("checkback_server.started", host=self._host, port=self.port, path=self._path)
-
-    async def close(self) -> None:
-        """Stop listening and cancel requests still being answered."""
-        if self._server is None:
-            return
-        self._server.close()
-        # Before Python 3.12 wait_closed() does not wait for open connections: cancel them.
-        running = list(self._handlers)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
 
     async def __aenter__(self) -> CheckbackServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        try:
-            status, answer, context = await self._respond(reader, writer)
-            body = json.dumps(answer).encode()
-            signature = (
-                f"{SIGNATURE_HEADER}: {sign(self._secret, context, body)}\r\n" if context else ""
-            )
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{signature}Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            asyncio.LimitOverrunError,
-        ):
-            pass  # a client that sends no complete request or hangs up gets nothing
-        finally:
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-
-    async def _respond(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, dict[str, str], str | None]:
-        """Answer one request: (status, JSON answer, what to sign a 200 answer under)."""
-        try:
-            body, headers = await self._read(reader)
-            context = self._authenticate(body, headers)
-            return 200, await self._check(body), context
-        except _Reply as reply:
-            if reply.status == 401:
-                peer = writer.get_extra_info("peername")
-                self._log.warning("checkback_server.rejected", reason=reply.error, peer=str(peer))
-            return reply.status, {"verdict": Verdict.UNKNOWN.value, "error": reply.error}, None
-
-    async def _read(self, reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
-        # latin-1 decodes any byte, so a malformed request gets a 400 rather than a crash.
-        request_line, *lines = head.decode("latin-1").split("\r\n")
-        parts = request_line.split(" ")
-        if len(parts) != 3:
-            raise _Reply(400, "malformed request line")
-        method, target, _version = parts
+    def accept(self, method: str, target: str) -> None:
+        """Only ``POST {path}``; refused before the body is read."""
         if target.partition("?")[0] != self._path:
-            raise _Reply(404, f"not found: POST {self._path}")
+            raise HttpError(404, f"not found: POST {self._path}")
         if method != "POST":
-            raise _Reply(405, f"use POST {self._path}")
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length")
-        if length is None or "transfer-encoding" in headers:
-            raise _Reply(411, "send the body with a Content-Length")
-        if not length.isdigit():
-            raise _Reply(400, "malformed Content-Length")
-        if int(length) > MAX_BODY:
-            raise _Reply(413, f"the body is larger than {MAX_BODY} bytes")
-        body = await asyncio.wait_for(reader.readexactly(int(length)), _READ_TIMEOUT)
-        return body, headers
+            raise HttpError(405, f"use POST {self._path}")
+
+    async def answer(self, request: Request) -> Reply:
+        """Authenticate, then ask the check-back; the 200 answer is signed under ``context``."""
+        context = self._authenticate(request.body, request.headers)
+        return Reply(200, await self._check(request.body), context=context)
+
+    def error_body(self, error: HttpError, peer: str) -> Any:
+        """``{"verdict": "unknown", "error": ...}``; a refused signature is logged."""
+        if error.status == 401:
+            self._log.warning("checkback_server.rejected", reason=error.error, peer=peer)
+        return {"verdict": Verdict.UNKNOWN.value, "error": error.error}
+
+    def headers(self, reply: Reply, body: bytes) -> dict[str, str]:
+        """The answer's signature, for a 200."""
+        if reply.context is None:
+            return {}
+        return {SIGNATURE_HEADER: sign(self._secret, reply.context, body)}
 
     def _authenticate(self, body: bytes, headers: dict[str, str]) -> str:
         """Check timestamp and signature; return the context the answer is signed under."""
         timestamp = headers.get(TIMESTAMP_HEADER.lower())
         signature = headers.get(SIGNATURE_HEADER.lower())
         if not timestamp or not signature:
-            raise _Reply(401, f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
+            raise HttpError(401, f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
         if not timestamp.isdigit():
-            raise _Reply(401, f"{TIMESTAMP_HEADER} must be unix seconds")
+            raise HttpError(401, f"{TIMESTAMP_HEADER} must be unix seconds")
         # Bounds how long a captured request can be replayed; a replay only repeats a
         # read-only question, but an old one must not be answerable forever.
         if abs(time.time() - int(timestamp)) > self._max_skew:
-            raise _Reply(401, f"stale {TIMESTAMP_HEADER}: check both hosts' clocks")
+            raise HttpError(401, f"stale {TIMESTAMP_HEADER}: check both hosts' clocks")
         if not signature_matches(self._secret, timestamp, body, signature):
-            raise _Reply(401, "bad signature: do both sides use the same secret?")
+            raise HttpError(401, "bad signature: do both sides use the same secret?")
         # The answer is signed under the request's digest, so it cannot be replayed
         # as the answer to another request.
         return digest_of(sign(self._secret, timestamp, body))
@@ -366,12 +272,12 @@ class CheckbackServer:
         try:
             message = decode_request(body)
         except ValueError as e:
-            raise _Reply(400, f"malformed check-back request: {e}"[:300]) from None
+            raise HttpError(400, f"malformed check-back request: {e}"[:300]) from None
         ids = {"message_id": message.message_id, "topic": message.topic, "key": message.key}
         function = self._outbox.checkback_for(message.topic)
         if function is None:
             self._log.warning("checkback_server.no_checkback", **ids)
-            raise _Reply(404, "no check-back for topic")
+            raise HttpError(404, "no check-back for topic")
         try:
             if inspect.iscoroutinefunction(function):
                 answer = await function(message)
@@ -383,12 +289,12 @@ class CheckbackServer:
         except Exception as e:
             error = f"check-back raised {type(e).__name__}: {e}"[:300]
             self._log.error("checkback_server.checkback_failed", error=error, **ids)
-            raise _Reply(500, error) from None
+            raise HttpError(500, error) from None
         try:
             verdict = Verdict(answer)
         except ValueError:
             error = f"check-back returned {answer!r}, not a Verdict"[:300]
             self._log.error("checkback_server.checkback_failed", error=error, **ids)
-            raise _Reply(500, error) from None
+            raise HttpError(500, error) from None
         self._log.info("checkback_server.answered", verdict=verdict.value, **ids)
         return {"verdict": verdict.value}

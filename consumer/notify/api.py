@@ -14,14 +14,12 @@ Every request needs ``Authorization: Bearer <token>``: the service token
 (``token_env``) sees that subscription's notifications only, so a partner can
 reconcile what it missed without seeing anyone else's. Answers are JSON; errors
 are ``{"error": "..."}`` with the status. HTTP/1.1, one request per connection,
-no dependency beyond asyncio.
+served by ``outbox.jsonhttp``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from consumer.notify.store import RetryOutcome
 from outbox.errors import ConfigurationError
 from outbox.ids import normalize_message_id
+from outbox.jsonhttp import HttpError, JsonHttpServer, Reply, Request
 from outbox.logs import get_logger
 from outbox.tables import NotificationStatus
 
@@ -43,38 +42,18 @@ __all__ = ["MAX_LIMIT", "QueryAPI"]
 MAX_LIMIT = 1000
 """The most notifications one list request returns."""
 _DEFAULT_LIMIT = 100
-_MAX_BODY = 64 * 1024  # a request here carries no meaningful body; refuse a large one
-_READ_TIMEOUT = 10.0  # seconds a client may take to send its request
 _LIST_PARAMS = {"subscription", "status", "since", "until", "after", "limit"}
 _STATUSES = [s.value for s in NotificationStatus]
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Content Too Large",
-    500: "Internal Server Error",
-}
 
 
-class _Reply(Exception):
-    """Ends a request early with this status and error (control flow inside ``_respond``)."""
-
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-
-
-class QueryAPI:
+class QueryAPI(JsonHttpServer):
     """Serves the query API for ``store``; ``start()`` binds, ``close()`` stops.
 
     ``on_retry`` is called after a manual retry made a notification due (the
     service wakes its dispatcher with it). No I/O happens before ``start()``.
     """
+
+    too_large_hint = "; none is needed"  # a request here carries no meaningful body
 
     def __init__(
         self,
@@ -83,6 +62,7 @@ class QueryAPI:
         *,
         on_retry: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(config.api_host, config.api_port)
         self._store = store
         self._config = config
         self._on_retry = on_retry
@@ -92,110 +72,44 @@ class QueryAPI:
             (s.token.encode(), s.name) for s in config.subscriptions if s.token is not None
         ]
         self._schedules = {s.name: len(s.schedule) for s in config.subscriptions}
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
         self._log = get_logger("outbox.notify")
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with ``api_port = 0``); raises before ``start()``."""
-        if self._server is None:
-            raise RuntimeError("the query API is not started")
-        return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         """Listen; returns once the socket is bound. ``ConfigurationError`` if it cannot."""
-        host, port = self._config.api_host, self._config.api_port
         try:
-            self._server = await asyncio.start_server(self._serve, host, port)
+            await super().start()
         except OSError as e:
             raise ConfigurationError(
-                f"the query API cannot listen on {host}:{port} ({e.strerror or e}); set "
-                "api_port (or --api-port) to a free port"
+                f"the query API cannot listen on {self._host}:{self._port} "
+                f"({e.strerror or e}); set api_port (or --api-port) to a free port"
             ) from None
-
-    async def close(self) -> None:
-        """Stop listening and cancel requests still being answered."""
-        if self._server is None:
-            return
-        self._server.close()
-        running = list(self._handlers)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
+    async def answer(self, request: Request) -> Reply:
+        """Authenticate the token, then route; an unexpected failure is a 500, logged."""
+        scope = self._authenticate(request.headers, request.peer)
         try:
-            status, answer = await self._respond(reader, writer)
-            body = json.dumps(answer, default=str).encode()
-            challenge = (
-                'WWW-Authenticate: Bearer realm="outbox-notify"\r\n' if status == 401 else ""
-            )
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{challenge}Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            asyncio.LimitOverrunError,
-        ):
-            pass  # a client that sends no complete request or hangs up gets nothing
-        finally:
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-
-    async def _respond(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, dict[str, Any]]:
-        try:
-            method, target, headers = await self._read(reader)
-            scope = self._authenticate(headers, writer)
-            return 200, await self._route(method, target, scope)
-        except _Reply as reply:
-            return reply.status, {"error": reply.error}
+            return Reply(200, await self._route(request.method, request.target, scope))
+        except HttpError:
+            raise
         except Exception as e:  # the database is away, or a bug: say so, keep serving
             self._log.error("notify.api_failed", error=f"{type(e).__name__}: {e}"[:300])
-            return 500, {"error": f"the query failed: {type(e).__name__}; see the service's log"}
+            raise HttpError(
+                500, f"the query failed: {type(e).__name__}; see the service's log"
+            ) from None
 
-    async def _read(self, reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]]:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
-        # latin-1 decodes any byte, so a malformed request gets a 400 rather than a crash.
-        request_line, *lines = head.decode("latin-1").split("\r\n")
-        parts = request_line.split(" ")
-        if len(parts) != 3:
-            raise _Reply(400, "malformed request line")
-        method, target, _version = parts
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length", "0")
-        if not length.isdigit():
-            raise _Reply(400, "malformed Content-Length")
-        if int(length) > _MAX_BODY:
-            raise _Reply(413, f"the body is larger than {_MAX_BODY} bytes; none is needed")
-        if int(length):
-            await asyncio.wait_for(reader.readexactly(int(length)), _READ_TIMEOUT)
-        return method, target, headers
+    def headers(self, reply: Reply, body: bytes) -> dict[str, str]:
+        """The Bearer challenge on a 401."""
+        return {"WWW-Authenticate": 'Bearer realm="outbox-notify"'} if reply.status == 401 else {}
 
-    def _authenticate(self, headers: dict[str, str], writer: asyncio.StreamWriter) -> str | None:
+    def _authenticate(self, headers: dict[str, str], peer: str) -> str | None:
         """Return the scope of the request's token (None: everything); 401 without a good one."""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Reply(401, "send Authorization: Bearer <token> (the OUTBOX_NOTIFY_TOKEN value)")
+            raise HttpError(
+                401, "send Authorization: Bearer <token> (the OUTBOX_NOTIFY_TOKEN value)"
+            )
         given = token.strip().encode("latin-1", "replace")
         found: str | None = None
         matched = False
@@ -207,9 +121,9 @@ class QueryAPI:
             self._log.warning(
                 "notify.api_refused",
                 reason="bad token",
-                peer=str(writer.get_extra_info("peername")),
+                peer=peer,
             )
-            raise _Reply(401, "the bearer token is not valid")
+            raise HttpError(401, "the bearer token is not valid")
         return found
 
     # -- routes -------------------------------------------------------------------------
@@ -218,15 +132,15 @@ class QueryAPI:
         split = urlsplit(target)
         parts = [unquote(p) for p in split.path.strip("/").split("/")]
         if parts[0] != "notifications" or len(parts) > 3:
-            raise _Reply(404, "not found: use /notifications or /notifications/{message_id}")
+            raise HttpError(404, "not found: use /notifications or /notifications/{message_id}")
         if len(parts) == 3:
             if parts[2] != "retry":
-                raise _Reply(404, "not found: use POST /notifications/{id}/retry")
+                raise HttpError(404, "not found: use POST /notifications/{id}/retry")
             if method != "POST":
-                raise _Reply(405, "use POST /notifications/{id}/retry")
+                raise HttpError(405, "use POST /notifications/{id}/retry")
             return await self._retry(parts[1], scope)
         if method != "GET":
-            raise _Reply(405, f"use GET {split.path}")
+            raise HttpError(405, f"use GET {split.path}")
         if len(parts) == 2:
             return await self._show(parts[1], scope)
         return await self._list(parse_qs(split.query, keep_blank_values=True), scope)
@@ -235,30 +149,30 @@ class QueryAPI:
         try:
             mid = normalize_message_id(message_id)
         except ValueError:
-            raise _Reply(
+            raise HttpError(
                 400, f"{message_id!r} is not a message id (a UUID, like 0190a1b2-...)"
             ) from None
         found = await self._store.of_message(mid, scope)
         if not found:
-            raise _Reply(404, f"no notification of message {mid}")
+            raise HttpError(404, f"no notification of message {mid}")
         return {"message_id": mid, "notifications": [n.to_dict() for n in found]}
 
     async def _list(self, query: dict[str, list[str]], scope: str | None) -> dict[str, Any]:
         unknown = sorted(set(query) - _LIST_PARAMS)
         if unknown:
-            raise _Reply(400, f"unknown parameter {unknown[0]!r}; use {sorted(_LIST_PARAMS)}")
+            raise HttpError(400, f"unknown parameter {unknown[0]!r}; use {sorted(_LIST_PARAMS)}")
         one = {name: values[-1] for name, values in query.items()}
         subscription = one.get("subscription") or None
         if scope is not None:
             if subscription not in (None, scope):
-                raise _Reply(403, f"this token reads subscription {scope!r} only")
+                raise HttpError(403, f"this token reads subscription {scope!r} only")
             subscription = scope
         status: NotificationStatus | None = None
         if one.get("status"):
             try:
                 status = NotificationStatus(one["status"])
             except ValueError:
-                raise _Reply(400, f"status must be one of {_STATUSES}") from None
+                raise HttpError(400, f"status must be one of {_STATUSES}") from None
         limit = _number(one, "limit", 1, MAX_LIMIT) or _DEFAULT_LIMIT
         after = _number(one, "after", 0, None)
         found = await self._store.search(
@@ -277,7 +191,7 @@ class QueryAPI:
 
     async def _retry(self, notification_id: str, scope: str | None) -> dict[str, Any]:
         if not notification_id.isdigit():
-            raise _Reply(
+            raise HttpError(
                 400,
                 f"{notification_id!r} is not a notification id (the number that "
                 "GET /notifications/{message_id} shows as id)",
@@ -286,15 +200,15 @@ class QueryAPI:
             int(notification_id), schedules=self._schedules, scope=scope
         )
         if outcome is RetryOutcome.NOT_FOUND or view is None:
-            raise _Reply(404, f"no notification {notification_id}")
+            raise HttpError(404, f"no notification {notification_id}")
         if outcome is RetryOutcome.DELIVERED:
-            raise _Reply(409, f"notification {notification_id} is delivered; nothing to retry")
+            raise HttpError(409, f"notification {notification_id} is delivered; nothing to retry")
         if outcome is RetryOutcome.IN_FLIGHT:
-            raise _Reply(
+            raise HttpError(
                 409, f"notification {notification_id} is being called right now; ask again shortly"
             )
         if outcome is RetryOutcome.UNKNOWN_SUBSCRIPTION:
-            raise _Reply(
+            raise HttpError(
                 409,
                 f"subscription {view.subscription!r} is not in the configuration any more: "
                 "there is no endpoint to call",
@@ -317,7 +231,7 @@ def _number(params: dict[str, str], name: str, low: int, high: int | None) -> in
         return None
     if not text.isdigit() or int(text) < low or (high is not None and int(text) > high):
         bounds = f"{low}-{high}" if high is not None else f">= {low}"
-        raise _Reply(400, f"{name} must be a whole number {bounds}, got {text!r}")
+        raise HttpError(400, f"{name} must be a whole number {bounds}, got {text!r}")
     return int(text)
 
 
@@ -328,11 +242,11 @@ def _time(params: dict[str, str], name: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise _Reply(
+        raise HttpError(
             400, f"{name} must be an ISO 8601 time like 2026-01-31T12:00:00+00:00, got {text!r}"
         ) from None
     if value.tzinfo is None:
         # A time without offset could be any zone's; guessing would shift the window.
-        raise _Reply(400, f"{name} needs a UTC offset (+00:00 or Z): {text!r}")
+        raise HttpError(400, f"{name} needs a UTC offset (+00:00 or Z): {text!r}")
     # In UTC: SQLite keeps UTC wall-clock times without an offset and compares them as such.
     return value.astimezone(UTC)
