@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam, func
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from outbox.dbclock import DatabaseClock
 from outbox.envelope import Envelope
 from outbox.tables import MessageStatus, outbox_table
 
@@ -144,7 +145,8 @@ class RelayStore:
         self.engine = engine
         self.relay_id = relay_id
         self.postgres = engine.dialect.name == "postgresql"
-        now = func.now() if self.postgres else bindparam("now", type_=sa.DateTime(timezone=True))
+        self._clock = DatabaseClock(self.postgres)
+        now = self._clock.now()
         columns = _published_columns(self.postgres)
 
         due = (
@@ -159,9 +161,9 @@ class RelayStore:
             .subquery("due")
         )
         claim = sa.update(t).values(
-            next_attempt_at=self._later("lease"),
+            next_attempt_at=self._clock.later("lease"),
             claimed_by=self.relay_id,
-            claimed_until=self._later("lease"),
+            claimed_until=self._clock.later("lease"),
             attempts=t.c.attempts + 1,
         )
         if self.postgres:
@@ -277,7 +279,7 @@ class RelayStore:
             .where(t.c.id == bindparam("row_id"), t.c.status == _PENDING)
             .values(
                 attempts=bindparam("attempt"),
-                next_attempt_at=self._later("delay"),
+                next_attempt_at=self._clock.later("delay"),
                 last_error=bindparam("error"),
                 updated_at=now,
                 claimed_by=None,
@@ -305,7 +307,7 @@ class RelayStore:
             sa.select(t.c.id)
             .where(
                 _status_is(MessageStatus.PUBLISHED.value, MessageStatus.DISCARDED.value),
-                t.c.updated_at < self._earlier("retention"),
+                t.c.updated_at < self._clock.earlier("retention"),
             )
             .order_by(t.c.updated_at)
             .limit(bindparam("limit"))
@@ -329,9 +331,9 @@ class RelayStore:
             sa.update(t)
             .where(t.c.id.in_(due_prepared.scalar_subquery()))
             .values(
-                next_attempt_at=self._later("lease"),
+                next_attempt_at=self._clock.later("lease"),
                 claimed_by=self.relay_id,
-                claimed_until=self._later("lease"),
+                claimed_until=self._clock.later("lease"),
             )
             .returning(*_COLUMNS, t.c.checks, t.c.xid, t.c.xid_resource)
         )
@@ -356,7 +358,7 @@ class RelayStore:
             sa.update(t)
             .where(prepared_row)
             .values(
-                next_attempt_at=self._later("delay"),
+                next_attempt_at=self._clock.later("delay"),
                 checks=bindparam("checks"),
                 last_error=bindparam("error"),
                 **settled,
@@ -380,33 +382,14 @@ class RelayStore:
 
     # -- time ---------------------------------------------------------------------------
 
-    def _later(self, name: str) -> sa.ColumnElement[Any]:
-        """``now() + :name`` on PostgreSQL; a precomputed ``:name_at`` on SQLite."""
-        if self.postgres:
-            return func.now() + bindparam(name, type_=sa.Interval())
-        return bindparam(f"{name}_at", type_=sa.DateTime(timezone=True))
-
-    def _earlier(self, name: str) -> sa.ColumnElement[Any]:
-        if self.postgres:
-            return func.now() - bindparam(name, type_=sa.Interval())
-        return bindparam(f"{name}_before", type_=sa.DateTime(timezone=True))
-
-    def _params(self, **durations: timedelta) -> dict[str, Any]:
-        if self.postgres:
-            return dict(durations)
-        now = datetime.now(UTC)
-        params: dict[str, Any] = {"now": now}
-        for name, value in durations.items():
-            params[f"{name}_at"] = now + value
-            params[f"{name}_before"] = now - value
-        return params
-
     # -- reads --------------------------------------------------------------------------
 
     async def claim_keyless(self, limit: int, lease: timedelta) -> list[Row]:
         """Claim up to ``limit`` due keyless messages for ``lease``; commit the claim."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(self._claim, {"limit": limit, **self._params(lease=lease)})
+            result = await conn.execute(
+                self._claim, {"limit": limit, **self._clock.params(lease=lease)}
+            )
             if self.postgres:
                 rows = [_row(r, counted=True, reclaimed=r[-1]) for r in result]
             else:
@@ -436,7 +419,7 @@ class RelayStore:
             "held": list(held),
             "limit": limit,
             "lookahead": lookahead,
-            **self._params(),
+            **self._clock.params(),
         }
         prefix = limit * _PREFIX_BATCHES
         part = -(-prefix // len(shards)) if self.postgres else prefix
@@ -458,7 +441,7 @@ class RelayStore:
         """Claim up to ``limit`` prepared messages due for a check, for ``lease``."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                self._claim_prepared, {"limit": limit, **self._params(lease=lease)}
+                self._claim_prepared, {"limit": limit, **self._clock.params(lease=lease)}
             )
             return [
                 Prepared(
@@ -509,7 +492,7 @@ class RelayStore:
         for c in checks:
             params: dict[str, Any] = {"row_id": c.row.id, "checks": c.checks, "error": c.error}
             durations = {"delay": c.delay} if c.delay is not None else {}
-            grouped.setdefault(c.outcome, []).append({**params, **self._params(**durations)})
+            grouped.setdefault(c.outcome, []).append({**params, **self._clock.params(**durations)})
         async with self.engine.begin() as conn:
             for outcome, params_list in grouped.items():
                 await conn.execute(statements[outcome], params_list)
@@ -517,8 +500,8 @@ class RelayStore:
     async def gauges(self) -> tuple[int, float]:
         """Return the number of pending messages and the age in seconds of the oldest one."""
         async with self.engine.connect() as conn:
-            count, oldest = (await conn.execute(self._gauges, self._params())).one()
-            now = (await conn.execute(self._now, self._params())).scalar_one()
+            count, oldest = (await conn.execute(self._gauges, self._clock.params())).one()
+            now = (await conn.execute(self._now, self._clock.params())).scalar_one()
         if oldest is None:
             return int(count), 0.0
         return int(count), max(0.0, (_aware(now) - _aware(oldest)).total_seconds())
@@ -533,12 +516,12 @@ class RelayStore:
         for f in failures:
             params = {"row_id": f.row.id, "attempt": f.row.attempts, "error": f.error[:2000]}
             if f.retry_in is None:
-                dead.append({**params, **self._params()})
+                dead.append({**params, **self._clock.params()})
             else:
-                retry.append({**params, **self._params(delay=f.retry_in)})
+                retry.append({**params, **self._clock.params(delay=f.retry_in)})
         async with self.engine.begin() as conn:
             if ids:
-                await conn.execute(self._published, {"ids": ids, **self._params()})
+                await conn.execute(self._published, {"ids": ids, **self._clock.params()})
             if retry:
                 await conn.execute(self._retry, retry)
             if dead:
@@ -547,20 +530,20 @@ class RelayStore:
     async def release_claims(self) -> int:
         """Make this relay's unsettled keyless claims due now (on a clean shutdown)."""
         async with self.engine.begin() as conn:
-            return (await conn.execute(self._release, self._params())).rowcount
+            return (await conn.execute(self._release, self._clock.params())).rowcount
 
     async def purge(self, retention: timedelta, batch: int) -> int:
         """Delete up to ``batch`` finished rows older than ``retention``; return how many."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                self._purge, {"limit": batch, **self._params(retention=retention)}
+                self._purge, {"limit": batch, **self._clock.params(retention=retention)}
             )
             return result.rowcount
 
     async def clear_expired_claims(self) -> int:
         """Forget claims whose lease ran out (their rows are due again already)."""
         async with self.engine.begin() as conn:
-            return (await conn.execute(self._expired, self._params())).rowcount
+            return (await conn.execute(self._expired, self._clock.params())).rowcount
 
 
 def _aware(value: datetime) -> datetime:

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam, func
 from sqlalchemy.dialects import postgresql, sqlite
 
+from outbox.dbclock import DatabaseClock
 from outbox.errors import DatabaseError
 from outbox.tables import NotificationStatus, notification_attempt_table, notification_table
 
@@ -257,7 +258,8 @@ class NotifyStore:
         self.engine = engine
         self.worker_id = worker_id
         self.postgres = engine.dialect.name == "postgresql"
-        now = self._now()
+        self._clock = DatabaseClock(self.postgres)
+        now = self._clock.now()
         due = t.c.status == _PENDING, t.c.next_attempt_at <= now
 
         claimable = (
@@ -271,9 +273,9 @@ class NotifyStore:
             .subquery("claimable")
         )
         claim = sa.update(t).values(
-            next_attempt_at=self._later("lease"),
+            next_attempt_at=self._clock.later("lease"),
             claimed_by=self.worker_id,
-            claimed_until=self._later("lease"),
+            claimed_until=self._clock.later("lease"),
         )
         if self.postgres:
             self._claim = claim.where(t.c.id == claimable.c.id).returning(
@@ -297,7 +299,7 @@ class NotifyStore:
         self._postpone = (
             sa.update(t)
             .where(t.c.id.in_(postponable.scalar_subquery()))
-            .values(next_attempt_at=self._later("delay"), updated_at=now)
+            .values(next_attempt_at=self._clock.later("delay"), updated_at=now)
         )
 
         ours = sa.and_(
@@ -317,7 +319,7 @@ class NotifyStore:
             sa.update(t).where(ours).values(status=_DELIVERED, delivered_at=now, **settled)
         )
         self._again = (
-            sa.update(t).where(ours).values(next_attempt_at=self._later("delay"), **settled)
+            sa.update(t).where(ours).values(next_attempt_at=self._clock.later("delay"), **settled)
         )
         self._abandoned = (
             sa.update(t).where(ours).values(status=_ABANDONED, abandoned_at=now, **settled)
@@ -332,39 +334,13 @@ class NotifyStore:
             sa.select(t.c.id)
             .where(
                 t.c.status.in_([_DELIVERED, _ABANDONED]),
-                t.c.created_at < self._earlier("retention"),
+                t.c.created_at < self._clock.earlier("retention"),
             )
             .order_by(t.c.created_at)
             .limit(bindparam("limit"))
         )
 
     # -- time ---------------------------------------------------------------------------
-
-    def _now(self) -> sa.ColumnElement[Any]:
-        if self.postgres:
-            return func.now()
-        return bindparam("now", type_=sa.DateTime(timezone=True))
-
-    def _later(self, name: str) -> sa.ColumnElement[Any]:
-        """``now() + :name`` on PostgreSQL; a precomputed ``:name_at`` on SQLite."""
-        if self.postgres:
-            return func.now() + bindparam(name, type_=sa.Interval())
-        return bindparam(f"{name}_at", type_=sa.DateTime(timezone=True))
-
-    def _earlier(self, name: str) -> sa.ColumnElement[Any]:
-        if self.postgres:
-            return func.now() - bindparam(name, type_=sa.Interval())
-        return bindparam(f"{name}_before", type_=sa.DateTime(timezone=True))
-
-    def _params(self, **durations: timedelta) -> dict[str, Any]:
-        if self.postgres:
-            return dict(durations)
-        now = datetime.now(UTC)
-        params: dict[str, Any] = {"now": now}
-        for name, value in durations.items():
-            params[f"{name}_at"] = now + value
-            params[f"{name}_before"] = now - value
-        return params
 
     # -- the dispatcher -----------------------------------------------------------------
 
@@ -387,7 +363,7 @@ class NotifyStore:
 
     async def claim(self, subscription: str, limit: int, lease: timedelta) -> list[Claimed]:
         """Claim up to ``limit`` due notifications of ``subscription`` for ``lease``; commit."""
-        params = {"sub_name": subscription, "limit": limit, **self._params(lease=lease)}
+        params = {"sub_name": subscription, "limit": limit, **self._clock.params(lease=lease)}
         async with self.engine.begin() as conn:
             result = await conn.execute(self._claim, params)
             rows = [
@@ -410,7 +386,7 @@ class NotifyStore:
 
     async def postpone(self, subscription: str, delay: timedelta, limit: int = 1000) -> int:
         """Move up to ``limit`` due notifications of ``subscription`` ``delay`` ahead."""
-        params = {"sub_name": subscription, "limit": limit, **self._params(delay=delay)}
+        params = {"sub_name": subscription, "limit": limit, **self._clock.params(delay=delay)}
         async with self.engine.begin() as conn:
             return (await conn.execute(self._postpone, params)).rowcount
 
@@ -438,11 +414,11 @@ class NotifyStore:
         }
         if status is NotificationStatus.PENDING:
             assert delay is not None
-            statement, params = self._again, {**params, **self._params(delay=delay)}
+            statement, params = self._again, {**params, **self._clock.params(delay=delay)}
         elif status is NotificationStatus.DELIVERED:
-            statement, params = self._delivered, {**params, **self._params()}
+            statement, params = self._delivered, {**params, **self._clock.params()}
         else:
-            statement, params = self._abandoned, {**params, **self._params()}
+            statement, params = self._abandoned, {**params, **self._clock.params()}
         async with self.engine.begin() as conn:
             ours = (await conn.execute(statement, params)).rowcount == 1
             await conn.execute(
@@ -469,7 +445,7 @@ class NotifyStore:
         total = 0
         while True:
             async with self.engine.begin() as conn:
-                params = {"limit": batch, **self._params(retention=retention)}
+                params = {"limit": batch, **self._clock.params(retention=retention)}
                 ids = list((await conn.execute(self._finished, params)).scalars())
                 if ids:
                     await conn.execute(sa.delete(a).where(a.c.notification_id.in_(ids)))
@@ -553,10 +529,10 @@ class NotifyStore:
             # and a settlement of a call in flight waits for it.
             found = (
                 await conn.execute(
-                    sa.select(t, self._now().label("now"))
+                    sa.select(t, self._clock.now().label("now"))
                     .where(t.c.id == notification_id)
                     .with_for_update(),
-                    self._params(),
+                    self._clock.params(),
                 )
             ).first()
             if found is None or (scope is not None and found.subscription != scope):
@@ -569,7 +545,7 @@ class NotifyStore:
             length = schedules.get(found.subscription)
             if length is None:
                 return RetryOutcome.UNKNOWN_SUBSCRIPTION, view
-            now = self._now()
+            now = self._clock.now()
             await conn.execute(
                 sa.update(t)
                 .where(t.c.id == notification_id)
@@ -582,7 +558,7 @@ class NotifyStore:
                     claimed_until=None,
                     updated_at=now,
                 ),
-                self._params(),
+                self._clock.params(),
             )
             updated = (await conn.execute(sa.select(t).where(t.c.id == notification_id))).one()
         return RetryOutcome.DUE, _view(updated._mapping)
