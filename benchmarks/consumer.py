@@ -1121,7 +1121,7 @@ async def handoff_cost(iterations: int) -> Cost:
 # --------------------------------------------------------------------------- profiling
 
 
-WORKER_MARKS = ("_worker (", "_WorkItem.run", "_execute_sync", "on_created")
+WORKER_MARKS = ("_worker (", "_WorkItem.run", "_execute_sync", "_execute_batch_sync", "on_created")
 HANDOFF_MARKS = (
     "run_in_executor",
     "ThreadPoolExecutor.submit",
@@ -1148,6 +1148,15 @@ def classify(frames: list[str]) -> str:
     if has(*WORKER_MARKS):
         if has("on_created"):
             return "worker: handler's INSERT into effect (session.execute)"
+        if has("_execute_batch_sync"):
+            below = joined.split("_execute_batch_sync", 1)[1]
+            if "inbox_insert_batch" in below:
+                return "worker: inbox INSERT of the batch"
+            if "commit" in below or "TransactionalContext.__exit__" in below:
+                return "worker: COMMIT (session.begin() exit)"
+            if "Session." in below:
+                return "worker: Session() + begin() creation / close"
+            return "worker: batch transaction, other lines"
         for frame in reversed(frames):
             if "_execute_sync" in frame:
                 line = frame.rsplit(":", 1)[-1].rstrip(")")

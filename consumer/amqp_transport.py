@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 
+from consumer.amqp_delivery import QueueConsumer
 from consumer.receipts import ReceiptPublisher
 from outbox.errors import ConfigurationError
 from outbox.logs import get_logger, redact_url
@@ -26,7 +27,7 @@ from outbox.logs import get_logger, redact_url
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
     from consumer.metrics import ConsumerMetrics
     from consumer.transport import Received, Topology
@@ -46,8 +47,9 @@ class AmqpTransport:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._channels: dict[str, AbstractRobustChannel] = {}
-        self._consuming: list[tuple[AbstractQueue, str]] = []
+        self._consuming: list[QueueConsumer] = []
         self._arguments: dict[str, dict[str, Any]] = {}
+        self._topology: Topology | None = None
         self._log = get_logger("outbox.consumer")
 
     @property
@@ -70,6 +72,7 @@ class AmqpTransport:
     async def declare(self, topology: Topology) -> None:
         """Declare the exchange, queues and bindings; idempotent."""
         assert self._connection is not None
+        self._topology = topology
         channel = await self._connection.channel()
         try:
             exchange = await channel.declare_exchange(
@@ -111,25 +114,26 @@ class AmqpTransport:
         """Consume ``queue`` on a channel of its own, so each queue has its own prefetch window.
 
         The queue is declared again on that channel (same arguments, so a no-op on
-        the broker): a robust channel restores the queues it declared, and their
-        consumers, after a reconnect.
+        the broker): a robust channel declares it again after a reconnect, and the
+        ``QueueConsumer`` (``consumer.amqp_delivery``) then consumes again.
         """
         assert self._connection is not None
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        declared = await channel.declare_queue(
-            queue, durable=True, arguments=self._arguments[queue]
-        )
-        tag = await declared.consume(callback)
+        await channel.declare_queue(queue, durable=True, arguments=self._arguments[queue])
+        consumer = QueueConsumer(channel, queue, callback, self._declare_again)
+        await consumer.start()
         self._channels[queue] = channel
-        self._consuming.append((declared, tag))
+        self._consuming.append(consumer)
+
+    async def _declare_again(self) -> None:
+        assert self._topology is not None
+        await self.declare(self._topology)
 
     async def cancel(self) -> None:
         """Cancel every consumer; unacked deliveries stay with us until acked or closed."""
-        for queue, tag in self._consuming:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consuming.clear()
+        for consumer in self._consuming:
+            await consumer.cancel()
 
     async def send(self, raw: Received, queue: str, headers: dict[str, Any]) -> bool:
         """Publish a copy of ``raw`` to ``queue`` (default exchange) and wait for its confirm."""
@@ -162,6 +166,10 @@ class AmqpTransport:
         return publisher
 
     async def close(self) -> None:
-        """Close the connection: unacknowledged deliveries go back to their queues."""
+        """Send the acks still waiting, then close: unacked deliveries go back to their queues."""
+        for consumer in self._consuming:
+            with contextlib.suppress(Exception):
+                await consumer.drain()
+        self._consuming.clear()
         if self._connection is not None:
             await self._connection.close()

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from consumer.amqp_transport import AmqpTransport
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
 from consumer.django_handler import run_django_handler
-from consumer.inbox import inbox_insert, inbox_insert_many, inbox_row, purge_inbox
+from consumer.inbox import inbox_insert, inbox_insert_batch, inbox_row, purge_inbox
 from consumer.memory_transport import MemoryTransport
 from consumer.message import IncomingMessage
 from consumer.metrics import ConsumerMetrics
@@ -45,7 +45,7 @@ from outbox.envelope import Envelope
 from outbox.errors import ConfigurationError, MalformedMessageError
 from outbox.health import HealthServer, database_reachable, serve_until_signal
 from outbox.logs import get_logger, redact_url
-from outbox.tracing import consume_span
+from outbox.tracing import consume_span, tracing_enabled
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -67,6 +67,8 @@ DEAD_REASON = "x-outbox-dead-reason"
 LAST_ERROR = "x-outbox-last-error"
 
 _DONE, _DUPLICATE = "done", "duplicate"
+_CODECS = {JSON.content_type: JSON}
+_ROUTES_KEPT = 10_000  # topics whose handler is remembered (bounded: topics come from outside)
 
 
 class Consumer:
@@ -98,6 +100,7 @@ class Consumer:
         self._owns_engine = engine is None
         self._async_engine: AsyncEngine | None = None
         self.handlers: list[HandlerSpec] = []
+        self._routes: dict[str, HandlerSpec | None] = {}
         self.metrics = ConsumerMetrics()
         self._log = get_logger("outbox.consumer").bind(group=group)
         self._broker = broker
@@ -164,12 +167,23 @@ class Consumer:
                     f"group {self.group!r} already has a handler for {topic!r}"
                 )
             self.handlers.append(spec)
+            self._routes.clear()
             return function
 
         return register
 
     def handler_for(self, topic: str) -> HandlerSpec | None:
         """The handler that takes ``topic`` in this group, or None."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        spec = self._route(topic)
+        if len(self._routes) < _ROUTES_KEPT:
+            self._routes[topic] = spec
+        return spec
+
+    def _route(self, topic: str) -> HandlerSpec | None:
         for spec in self.handlers:
             if spec.pattern == topic:
                 return spec
@@ -456,8 +470,7 @@ class Consumer:
                         "consumer.batch_fallback", messages=len(batch), error=_describe(e)[:300]
                     )
                 else:
-                    for (raw, message, _), outcome in zip(batch, outcomes, strict=True):
-                        await self._settle(raw, outcome, message)
+                    await self._settle_batch(batch, outcomes)
                     return
             for raw, message, spec in batch:
                 await self._process(raw, message, spec)
@@ -470,23 +483,28 @@ class Consumer:
         """One transaction: one multi-row inbox INSERT, then the handlers of the new ids."""
         assert self._engine is not None
         outcomes: list[str] = []
+        observe = self.metrics.duration.observe
+        traced = tracing_enabled()
         with Session(self._engine) as session, session.begin():
-            conn = session.connection()
-            ids = [uuid.UUID(message.message_id) for _, message, _ in batch]
-            rows = [
-                inbox_row(self.group, mid, message.topic)
-                for mid, (_, message, _) in zip(ids, batch, strict=True)
-            ]
-            fresh = set(conn.execute(inbox_insert_many(conn.dialect.name), rows).scalars())
-            for mid, (_, message, spec) in zip(ids, batch, strict=True):
-                if mid not in fresh:  # handled before, or a second copy within this batch
+            fresh = inbox_insert_batch(
+                session.connection(),
+                self.group,
+                [(message.message_id, message.topic) for _, message, _ in batch],
+            )
+            for _, message, spec in batch:
+                if message.message_id not in fresh:  # seen before, or a copy within the batch
                     outcomes.append(_DUPLICATE)
                     continue
-                fresh.discard(mid)
+                fresh.discard(message.message_id)
                 started = time.perf_counter()
-                with consume_span(self.group, message.topic, message.message_id, message.headers):
+                if traced:
+                    with consume_span(
+                        self.group, message.topic, message.message_id, message.headers
+                    ):
+                        spec.function(message, session)
+                else:
                     spec.function(message, session)
-                self.metrics.duration.observe(time.perf_counter() - started)
+                observe(time.perf_counter() - started)
                 outcomes.append(_DONE)
         return outcomes
 
@@ -644,7 +662,7 @@ class Consumer:
                 headers=headers,
                 timestamp=raw.timestamp,
             )
-            decoded = envelope.decode({JSON.content_type: JSON})
+            decoded = envelope.decode(_CODECS)
         except MalformedMessageError as e:
             self.metrics.malformed.inc()
             return f"malformed: {e}"
@@ -699,6 +717,23 @@ class Consumer:
         return _DONE
 
     async def _settle(self, raw: Received, outcome: str, message: IncomingMessage) -> None:
+        await self._ack(raw, outcome, message)
+        # Duplicates send none: the copy that committed sent the receipt (best-effort).
+        if outcome == _DONE and self._receipts is not None:
+            self._receipts.send_consumed([message.message_id])
+
+    async def _settle_batch(
+        self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]], outcomes: list[str]
+    ) -> None:
+        """Ack a committed batch (the transport may do it in one frame); one receipt call."""
+        for (raw, message, _), outcome in zip(batch, outcomes, strict=True):
+            await self._ack(raw, outcome, message)
+        if self._receipts is not None:
+            self._receipts.send_consumed(
+                [m.message_id for (_, m, _), o in zip(batch, outcomes, strict=True) if o == _DONE]
+            )
+
+    async def _ack(self, raw: Received, outcome: str, message: IncomingMessage) -> None:
         if outcome == _DUPLICATE:
             self.metrics.duplicates.inc()
             self._log.info("consumer.duplicate", **_ids(message))
@@ -709,9 +744,6 @@ class Consumer:
             await raw.ack()
         except Exception as e:
             self._log.warning("consumer.ack_failed", error=str(e)[:200], **_ids(message))
-        # Duplicates send none: the copy that committed sent the receipt (best-effort).
-        if outcome == _DONE and self._receipts is not None:
-            self._receipts.send(message.message_id, "consumed")
 
     async def _dead_letter(
         self, raw: Received, reason: str, attempt: int, topic: str | None = None

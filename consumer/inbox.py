@@ -9,6 +9,7 @@ writes and the inbox row then commit together, before the message is acked.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +19,22 @@ from sqlalchemy.dialects import postgresql, sqlite
 from outbox.tables import inbox_table
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["inbox_insert", "inbox_insert_many", "inbox_row", "purge_inbox"]
+__all__ = ["inbox_insert", "inbox_insert_batch", "inbox_row", "purge_inbox"]
+
+# A batch's rows as two arrays: one statement text whatever the batch size, so the
+# driver prepares it once, and no per-row work in SQLAlchemy. The ids come back as
+# text in the canonical form ``outbox.ids.normalize_message_id`` gives.
+_PG_BATCH = (
+    f"INSERT INTO {inbox_table.name} (consumer_group, message_id, topic, processed_at) "
+    "SELECT %(group)s, m, t, %(at)s "
+    "FROM unnest(%(ids)s::uuid[], %(topics)s::text[]) AS batch (m, t) "
+    "ON CONFLICT (consumer_group, message_id) DO NOTHING "
+    "RETURNING message_id::text"
+)
 
 _INSERTS: dict[tuple[str, bool], Any] = {}
 
@@ -31,10 +45,29 @@ def inbox_insert(dialect: str) -> Any:
     return _insert(dialect, many=False)
 
 
-def inbox_insert_many(dialect: str) -> Any:
-    """The inbox INSERT of a batch (executed with a list of rows, sent as one statement):
-    returns the ``message_id`` of each row inserted; a message seen already returns none."""
-    return _insert(dialect, many=True)
+def inbox_insert_batch(
+    conn: sa.Connection, group: str, messages: Sequence[tuple[str, str]]
+) -> set[str]:
+    """Insert the inbox rows of ``messages`` (canonical message id, topic) in one statement.
+
+    Returns the ids whose row is new: the others were handled before (or appear
+    twice in ``messages``: only one copy is new).
+    """
+    now = datetime.now(UTC)
+    dialect = conn.dialect
+    if dialect.name == "postgresql" and dialect.paramstyle == "pyformat":
+        params = {
+            "group": group,
+            "at": now,
+            "ids": [mid for mid, _ in messages],
+            "topics": [topic for _, topic in messages],
+        }
+        return set(conn.exec_driver_sql(_PG_BATCH, params).scalars())
+    rows = [
+        {"consumer_group": group, "message_id": uuid.UUID(mid), "topic": topic, "processed_at": now}
+        for mid, topic in messages
+    ]
+    return {str(mid) for mid in conn.execute(_insert(dialect.name, many=True), rows).scalars()}
 
 
 def _insert(dialect: str, *, many: bool) -> Any:

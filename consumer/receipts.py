@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -72,7 +72,10 @@ class ReceiptPublisher:
         self._flush_interval = flush_interval.total_seconds()
         self._publish_timeout = publish_timeout.total_seconds()
         self._warn_every = warn_every.total_seconds()
-        self._pending: asyncio.Queue[Receipt] = asyncio.Queue(capacity)
+        self._capacity = capacity
+        self._pending: deque[Receipt] = deque()
+        self._queued = asyncio.Event()  # something is pending
+        self._full = asyncio.Event()  # a whole batch is pending: send it without waiting
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._off: str | None = None  # why receipts are not sent: "stopped" or "failed"
@@ -130,19 +133,50 @@ class ReceiptPublisher:
                 mid = normalize_message_id(message_id)
             except ValueError:
                 return
-            receipt = Receipt(
-                message_id=mid,
-                group=group or self._group,
-                outcome=outcome,
-                detail=detail,
-                at=datetime.now(UTC),
+            self._enqueue(
+                [
+                    Receipt(
+                        message_id=mid,
+                        group=group or self._group,
+                        outcome=outcome,
+                        detail=detail,
+                        at=datetime.now(UTC),
+                    )
+                ]
             )
-            try:
-                self._pending.put_nowait(receipt)
-            except asyncio.QueueFull:
-                self._drop("full")
         except Exception as e:  # telemetry must never fail the message it reports on
             self._log.warning("consumer.receipt_error", error=f"{type(e).__name__}: {e}"[:300])
+
+    def send_consumed(self, message_ids: list[str]) -> None:
+        """Queue a ``consumed`` receipt for each id (canonical UUID text, as envelopes carry).
+
+        The worker's path for a settled batch: one clock reading, no id parsing.
+        Never blocks, never raises.
+        """
+        try:
+            if self._off is not None:
+                self._drop(self._off, len(message_ids))
+                return
+            at = datetime.now(UTC)
+            group = self._group
+            self._enqueue(
+                [Receipt(message_id=m, group=group, outcome="consumed", at=at) for m in message_ids]
+            )
+        except Exception as e:  # telemetry must never fail the message it reports on
+            self._log.warning("consumer.receipt_error", error=f"{type(e).__name__}: {e}"[:300])
+
+    def _enqueue(self, receipts: list[Receipt]) -> None:
+        room = self._capacity - len(self._pending)
+        if room < len(receipts):
+            self._drop("full", len(receipts) - max(room, 0))
+            receipts = receipts[: max(room, 0)]
+        if not receipts:
+            return
+        self._pending.extend(receipts)
+        if not self._queued.is_set():
+            self._queued.set()
+        if len(self._pending) >= self._batch_size and not self._full.is_set():
+            self._full.set()
 
     async def aclose(self, timeout: timedelta = timedelta(seconds=5)) -> None:
         """Send what is queued (for at most ``timeout``), then stop; later receipts are dropped."""
@@ -156,9 +190,8 @@ class ReceiptPublisher:
             except TimeoutError:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        left = self._pending.qsize()
-        while not self._pending.empty():
-            self._pending.get_nowait()
+        left = len(self._pending)
+        self._pending.clear()
         if left:
             self._drop("stopped", left)
 
@@ -168,7 +201,9 @@ class ReceiptPublisher:
         while True:
             batch = await self._next_batch()
             if not batch:
-                return  # closing and nothing left
+                if self._closing.is_set():
+                    return  # closing and nothing left
+                continue
             try:
                 await self._publish(batch)
             except Exception as e:  # keep the task alive whatever the driver does
@@ -178,37 +213,33 @@ class ReceiptPublisher:
                 )
 
     async def _next_batch(self) -> list[Receipt]:
-        """Wait for a receipt, then gather more for ``flush_interval`` (none when closing)."""
+        """Wait for a receipt, then for ``flush_interval`` or a full batch (no wait when closing)."""
         pending = self._pending
-        if pending.empty():
+        if not pending:
             if self._closing.is_set():
                 return []
-            getter = asyncio.ensure_future(pending.get())
             closing = asyncio.ensure_future(self._closing.wait())
+            queued = asyncio.ensure_future(self._queued.wait())
             try:
-                await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({queued, closing}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 closing.cancel()
-                getter.cancel()  # no-op when done; a cancelled get() leaves the item queued
-            if not getter.done() or getter.cancelled():
-                return [pending.get_nowait()] if not pending.empty() else []
-            batch = [getter.result()]
-        else:
-            batch = [pending.get_nowait()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._flush_interval
-        while len(batch) < self._batch_size:
-            if not pending.empty():
-                batch.append(pending.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._closing.is_set():
-                break
+                queued.cancel()
+        if pending and len(pending) < self._batch_size and not self._closing.is_set():
+            full = asyncio.ensure_future(self._full.wait())
+            closing = asyncio.ensure_future(self._closing.wait())
             try:
-                async with asyncio.timeout(remaining):
-                    batch.append(await pending.get())
-            except TimeoutError:
-                break
+                await asyncio.wait(
+                    {full, closing}, timeout=self._flush_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                full.cancel()
+                closing.cancel()
+        batch = [pending.popleft() for _ in range(min(self._batch_size, len(pending)))]
+        if len(pending) < self._batch_size:
+            self._full.clear()
+        if not pending:
+            self._queued.clear()
         return batch
 
     async def _publish(self, batch: list[Receipt]) -> None:

@@ -41,6 +41,7 @@ class JsonCodec:
     def __init__(self) -> None:
         # One encoder object: json.dumps would rebuild it on every call with non-default options.
         self._encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        self._decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 
     def encode(self, payload: Any) -> bytes:
         try:
@@ -55,7 +56,7 @@ class JsonCodec:
     def decode(self, body: bytes) -> Any:
         try:
             # Decode first: json.loads(bytes) would also guess UTF-16 and UTF-32.
-            return json.loads(body.decode(), parse_constant=_refuse_constant)
+            return self._decoder.decode(body.decode())
         except (UnicodeDecodeError, ValueError) as e:
             raise InvalidMessageError(f"body is not valid UTF-8 JSON: {e}") from e
 

@@ -13,6 +13,8 @@ __all__ = ["new_message_id", "new_message_uuid", "normalize_message_id"]
 _UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 )
+# What str(uuid.UUID(...)) gives back: ids in this form are returned as they are.
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _lock = threading.Lock()
 _last_ms = 0
 _last_rand = 0
@@ -58,6 +60,8 @@ def normalize_message_id(value: object) -> str:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, str):
+        if _CANONICAL.fullmatch(value) is not None:
+            return value  # the form every outbox message id travels in
         # uuid.UUID() alone also takes braces, 'urn:uuid:' and stray '+' or '_' characters.
         if _UUID_TEXT.fullmatch(value) is None:
             raise ValueError(f"message_id {value!r} is not a UUID")

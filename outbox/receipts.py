@@ -105,16 +105,21 @@ def encode_receipt(receipt: Receipt) -> bytes:
 
 def encode_receipts(receipts: Sequence[Receipt]) -> bytes:
     """Return the JSON body of a batch of receipts: an array, sent as one message."""
-    return JSON.encode([_fields(r) for r in receipts])
+    times: dict[datetime, str] = {}  # a settled batch's receipts share one time
+    return JSON.encode([_fields(r, times) for r in receipts])
 
 
-def _fields(receipt: Receipt) -> dict[str, Any]:
+def _fields(receipt: Receipt, times: dict[datetime, str] | None = None) -> dict[str, Any]:
+    if times is None:
+        at = receipt.at.isoformat()
+    else:
+        at = times.get(receipt.at) or times.setdefault(receipt.at, receipt.at.isoformat())
     return {
         "message_id": receipt.message_id,
         "group": receipt.group,
         "outcome": receipt.outcome,
         "detail": receipt.detail[:MAX_DETAIL] if receipt.detail is not None else None,
-        "at": receipt.at.isoformat(),
+        "at": at,
     }
 
 

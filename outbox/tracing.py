@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-__all__ = ["consume_span", "inject_trace_headers"]
+__all__ = ["consume_span", "inject_trace_headers", "tracing_enabled"]
 
 try:  # an optional dependency: everything here is a no-op without it
     from opentelemetry import propagate, trace
@@ -36,6 +36,11 @@ def inject_trace_headers(headers: dict[str, Any]) -> None:
     for name in _TRACE_HEADERS:
         if name in carrier:
             headers[name] = carrier[name]
+
+
+def tracing_enabled() -> bool:
+    """True when ``consume_span`` makes spans (OpenTelemetry installed and an SDK configured)."""
+    return trace is not None and propagate is not None and _tracing_configured()
 
 
 def _tracing_configured() -> bool:
