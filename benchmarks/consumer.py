@@ -42,7 +42,7 @@ per message, with the CPU the rest of the machine used meanwhile (other load).
 
     python benchmarks/consumer.py [--messages 20000] [--quick] [--rounds 1]
         [--settings 64/16,256/32] [--batch 256/4/64] [--queue-type quorum|classic]
-        [--no-ladder] [--no-units] [--no-profile] [--keep-profile DIR]
+        [--no-ladder] [--no-variants] [--no-units] [--no-profile] [--keep-profile DIR]
         [--database-url URL] [--amqp-url URL]
 """
 
@@ -1492,6 +1492,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=55.0, help="per measurement, seconds")
     parser.add_argument("--quick", action="store_true", help="2000 messages, no profile")
     parser.add_argument("--no-ladder", action="store_true", help="skip decomposition and batches")
+    parser.add_argument(
+        "--no-variants", action="store_true", help="skip the receipts=False and async def arms"
+    )
     parser.add_argument("--no-units", action="store_true", help="skip the unit costs")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile even with --quick")
@@ -1606,11 +1609,14 @@ async def run(args: argparse.Namespace) -> int:
         for p, c in settings:
             label = f"(c) Consumer {p}/{c}"
             arms.append((label, consumer_arm(label, p, c), True))
-        if stage.receipts is not None:
+        if stage.receipts is not None and not args.no_variants:
             label = f"(c) Consumer {prefetch}/{concurrency} receipts=False"
             arms.append((label, consumer_arm(label, prefetch, concurrency, False), True))
-        label = f"(c) Consumer {prefetch}/{concurrency} async def handler"
-        arms.append((label, consumer_arm(label, prefetch, concurrency, True, True, small), True))
+        if not args.no_variants:
+            label = f"(c) Consumer {prefetch}/{concurrency} async def handler"
+            arms.append(
+                (label, consumer_arm(label, prefetch, concurrency, True, True, small), True)
+            )
         if not args.no_ladder:
             ladder = [
                 ("ladder: (a) + thread handoff of a no-op", noop_work, False),

@@ -115,9 +115,7 @@ class AckWindow:
         if top is not None:
             self._queue(True, top, True)
         if ready and self._linger is None:
-            self._linger = asyncio.get_running_loop().call_later(
-                ACK_LINGER, self._linger_over
-            )
+            self._linger = asyncio.get_running_loop().call_later(ACK_LINGER, self._linger_over)
 
     def _linger_over(self) -> None:
         self._linger = None
@@ -301,9 +299,7 @@ class QueueConsumer:
                 await self._declare()
                 await self._consume()
             except Exception as e:
-                _log.warning(
-                    "consumer.reconsume_failed", queue=self._queue, error=str(e)[:200]
-                )
+                _log.warning("consumer.reconsume_failed", queue=self._queue, error=str(e)[:200])
                 continue
             _log.info("consumer.reconsumed", queue=self._queue)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class HandlerSpec:
     django_using: str | None = None
     """Run with Django's ORM on this database alias (the handler takes ``(message)``)."""
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         """True for ``async def`` handlers (they get an ``AsyncSession``)."""
         return inspect.iscoroutinefunction(self.function)

@@ -68,6 +68,8 @@ LAST_ERROR = "x-outbox-last-error"
 
 _DONE, _DUPLICATE = "done", "duplicate"
 _CODECS = {JSON.content_type: JSON}
+BATCH_LINGER = 0.005
+"""Seconds at most a batch waits to fill up while another batch is running."""
 _ROUTES_KEPT = 10_000  # topics whose handler is remembered (bounded: topics come from outside)
 
 
@@ -110,6 +112,8 @@ class Consumer:
         self._inflight: set[asyncio.Task[None]] = set()
         self._batch: deque[tuple[Received, IncomingMessage, HandlerSpec]] = deque()
         self._batched = asyncio.Event()
+        self._batch_moved = asyncio.Event()  # the buffer filled a batch, or a batch ended
+        self._batches_running = 0
         self._batch_slots = asyncio.Semaphore(_batches_in_flight(self.config))
         self._batcher_task: asyncio.Task[None] | None = None
         self._lanes: dict[str | None, deque[Received]] = {}
@@ -386,6 +390,8 @@ class Consumer:
         if not isinstance(parsed, str) and self._batchable(parsed[1]):
             self._batch.append((raw, *parsed))
             self._batched.set()
+            if len(self._batch) >= self.config.batch_size:
+                self._batch_moved.set()
             return
         await self._slots.acquire()
         task = asyncio.create_task(self._handle_unordered(raw, parsed))
@@ -418,23 +424,32 @@ class Consumer:
     # -- batches ------------------------------------------------------------------------
 
     def _batchable(self, spec: HandlerSpec) -> bool:
-        """Plain SQLAlchemy handlers share transactions; async and Django ones run alone."""
-        return self.config.batch_size > 1 and not spec.is_async and spec.django_using is None
+        """SQLAlchemy handlers (plain and async) share transactions; Django ones run alone."""
+        return self.config.batch_size > 1 and spec.django_using is None
 
     async def _batcher(self) -> None:
         """Hand the buffered messages to handler slots, as many per transaction as are waiting.
 
-        Nothing waits to fill a batch: under light load a batch is the one or two
-        messages at hand; under load, messages pile up while the batches in flight
-        run, so batches grow with the load, up to ``batch_size``. At most
-        ``prefetch // batch_size`` batches run at once (1 to ``concurrency``): more
-        would split the prefetch window into small batches, and a batch's cost is
-        mostly per transaction, not per message.
+        When no batch is running, a batch starts at once with the messages at hand
+        (light load: one or two). While one runs, the next waits to fill up, until
+        it holds ``batch_size`` messages, the running one ends, or ``BATCH_LINGER``
+        has passed: the handlers are busy anyway, and a batch's cost is mostly per
+        transaction, not per message. So under load batches grow to ``batch_size``.
+        At most ``prefetch // batch_size`` batches run at once (1 to
+        ``concurrency``): more would split the prefetch window into small batches.
         """
+        size = self.config.batch_size
         while True:
             await self._batched.wait()
             await self._batch_slots.acquire()
             await asyncio.sleep(0)  # deliveries read in the same burst join this batch
+            if self._batches_running and len(self._batch) < size:
+                self._batch_moved.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BATCH_LINGER):
+                        while self._batches_running and len(self._batch) < size:
+                            await self._batch_moved.wait()
+                            self._batch_moved.clear()
             batch = [
                 self._batch.popleft() for _ in range(min(self.config.batch_size, len(self._batch)))
             ]
@@ -444,6 +459,7 @@ class Consumer:
                 self._batch_slots.release()
                 continue
             self.metrics.batch_size.observe(len(batch))
+            self._batches_running += 1
             task = asyncio.create_task(self._handle_batch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -458,24 +474,38 @@ class Consumer:
         handled again in a transaction of its own, so a failing message is retried
         or dead-lettered alone and its neighbours commit once. (Their handlers ran
         twice then, which is why effects outside the transaction must be idempotent
-        anyway; see docs/consumer.md.)
+        anyway; see docs/consumer.md.) Plain and ``async def`` handlers do not share
+        a transaction (a ``Session`` in a thread, an ``AsyncSession`` on the loop):
+        a batch holding both runs as two.
         """
         try:
-            if len(batch) > 1:
-                try:
-                    outcomes = await self._in_thread(self._execute_batch_sync, batch)
-                except Exception as e:
-                    self.metrics.batch_fallbacks.inc()
-                    self._log.info(
-                        "consumer.batch_fallback", messages=len(batch), error=_describe(e)[:300]
-                    )
-                else:
-                    await self._settle_batch(batch, outcomes)
-                    return
-            for raw, message, spec in batch:
-                await self._process(raw, message, spec)
+            plain = [item for item in batch if not item[2].is_async]
+            coroutines = [item for item in batch if item[2].is_async]
+            for part in (plain, coroutines):
+                if part:
+                    await self._run_batch(part)
         finally:
+            self._batches_running -= 1
+            self._batch_moved.set()
             self._batch_slots.release()
+
+    async def _run_batch(self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]) -> None:
+        if len(batch) > 1:
+            try:
+                if batch[0][2].is_async:
+                    outcomes = await self._execute_batch_async(batch)
+                else:
+                    outcomes = await self._in_thread(self._execute_batch_sync, batch)
+            except Exception as e:
+                self.metrics.batch_fallbacks.inc()
+                self._log.info(
+                    "consumer.batch_fallback", messages=len(batch), error=_describe(e)[:300]
+                )
+            else:
+                await self._settle_batch(batch, outcomes)
+                return
+        for raw, message, spec in batch:
+            await self._process(raw, message, spec)
 
     def _execute_batch_sync(
         self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
@@ -504,6 +534,35 @@ class Consumer:
                         spec.function(message, session)
                 else:
                     spec.function(message, session)
+                observe(time.perf_counter() - started)
+                outcomes.append(_DONE)
+        return outcomes
+
+    async def _execute_batch_async(
+        self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
+    ) -> list[str]:
+        """``_execute_batch_sync`` for ``async def`` handlers: one ``AsyncSession`` transaction."""
+        assert self._async_engine is not None
+        outcomes: list[str] = []
+        observe = self.metrics.duration.observe
+        traced = tracing_enabled()
+        pairs = [(message.message_id, message.topic) for _, message, _ in batch]
+        async with AsyncSession(self._async_engine) as session, session.begin():
+            conn = await session.connection()
+            fresh = await conn.run_sync(inbox_insert_batch, self.group, pairs)
+            for _, message, spec in batch:
+                if message.message_id not in fresh:
+                    outcomes.append(_DUPLICATE)
+                    continue
+                fresh.discard(message.message_id)
+                started = time.perf_counter()
+                if traced:
+                    with consume_span(
+                        self.group, message.topic, message.message_id, message.headers
+                    ):
+                        await spec.function(message, session)
+                else:
+                    await spec.function(message, session)
                 observe(time.perf_counter() - started)
                 outcomes.append(_DONE)
         return outcomes
@@ -649,7 +708,7 @@ class Consumer:
 
     def _parse(self, raw: Received) -> tuple[IncomingMessage, HandlerSpec] | str:
         """The message and its handler, or the reason it goes to the dead-letter queue."""
-        headers = dict(raw.headers or {})
+        headers = raw.headers or {}
         topic = headers.get(TOPIC) or raw.routing_key
         if isinstance(topic, bytes):
             topic = topic.decode(errors="replace")
@@ -662,20 +721,23 @@ class Consumer:
                 headers=headers,
                 timestamp=raw.timestamp,
             )
-            decoded = envelope.decode(_CODECS)
+            payload = envelope.payload(_CODECS)
         except MalformedMessageError as e:
             self.metrics.malformed.inc()
             return f"malformed: {e}"
         spec = self.handler_for(envelope.topic)
         if spec is None:
             return f"no handler in group {self.group!r} for topic {envelope.topic!r}"
+        app_headers = envelope.headers
+        if any(k.startswith("x-outbox-") for k in app_headers):
+            app_headers = {k: v for k, v in app_headers.items() if not k.startswith("x-outbox-")}
         message = IncomingMessage(
-            message_id=decoded.message_id,
-            topic=decoded.topic,
-            key=decoded.key,
-            payload=decoded.payload,
-            headers={k: v for k, v in decoded.headers.items() if not k.startswith("x-outbox-")},
-            created_at=decoded.created_at,
+            message_id=envelope.message_id,
+            topic=envelope.topic,
+            key=envelope.key,
+            payload=payload,
+            headers=app_headers,
+            created_at=envelope.created_at,
             attempt=_attempt(raw),
             redelivered=bool(raw.redelivered),
         )

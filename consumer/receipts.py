@@ -213,7 +213,7 @@ class ReceiptPublisher:
                 )
 
     async def _next_batch(self) -> list[Receipt]:
-        """Wait for a receipt, then for ``flush_interval`` or a full batch (no wait when closing)."""
+        """Wait for a receipt, then for ``flush_interval`` or a full batch (not when closing)."""
         pending = self._pending
         if not pending:
             if self._closing.is_set():
@@ -230,7 +230,9 @@ class ReceiptPublisher:
             closing = asyncio.ensure_future(self._closing.wait())
             try:
                 await asyncio.wait(
-                    {full, closing}, timeout=self._flush_interval, return_when=asyncio.FIRST_COMPLETED
+                    {full, closing},
+                    timeout=self._flush_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 full.cancel()

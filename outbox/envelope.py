@@ -199,6 +199,17 @@ class Envelope:
         Raises ``MalformedMessageError`` for an unknown content type or a body the
         codec cannot read.
         """
+        return Message(
+            message_id=self.message_id,
+            topic=self.topic,
+            key=self.key,
+            payload=self.payload(codecs),
+            headers=self.headers,
+            created_at=self.created_at,
+        )
+
+    def payload(self, codecs: Mapping[str, Codec] | None = None) -> Any:
+        """The decoded body alone (``decode``'s ``Message.payload``); raises as it does."""
         registry = codecs if codecs is not None else {JSON.content_type: JSON}
         # MIME types are case-insensitive, and parameters (charset) do not pick the codec.
         codec = registry.get(self.content_type.split(";", 1)[0].strip().lower())
@@ -207,14 +218,6 @@ class Envelope:
                 f"no codec for content type {self.content_type!r}; known: {sorted(registry)}"
             )
         try:
-            payload = codec.decode(self.body)
+            return codec.decode(self.body)
         except InvalidMessageError as e:
             raise MalformedMessageError(str(e)) from e
-        return Message(
-            message_id=self.message_id,
-            topic=self.topic,
-            key=self.key,
-            payload=payload,
-            headers=self.headers,
-            created_at=self.created_at,
-        )
