@@ -290,17 +290,22 @@ class Consumer:
             await asyncio.wait(self._inflight, timeout=5)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+            self._scheduler = None
         if self._health is not None:
             await self._health.close()
+            self._health = None
         if self._receipts is not None:
             await self._receipts.aclose()  # before the channel it publishes on is closed
+            self._receipts = None
         if self._transport is not None:
             await self._transport.close()  # unacknowledged deliveries go back to their queue
             self._transport = None
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
         if self._async_engine is not None:
             await self._async_engine.dispose()
+            self._async_engine = None
         if self._owns_engine and self._engine is not None:
             self._engine.dispose()  # the engine start() made; a given one is the caller's
             self._engine = None

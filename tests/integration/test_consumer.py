@@ -5,6 +5,7 @@ retries with backoff, dead letters with their reason, per-key order, bad input s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -325,3 +326,58 @@ async def test_ordered_handler_keeps_per_key_order_while_a_failing_key_retries_i
         key, n = note.split(":")
         per_key.setdefault(key, []).append(int(n))
     assert all(order == list(range(10)) for order in per_key.values()), per_key
+
+
+async def test_a_deleted_queue_is_declared_again_and_consumed(world: World) -> None:
+    consumer = world.consumer()
+
+    @consumer.handler("orders.created")
+    def handle(message: IncomingMessage, session: Session) -> None:
+        record(session, message)
+
+    await consumer.start()
+    first = await world.send("orders.created", {"n": 1})
+    await wait_for(lambda: len(world.effects()) == 1)
+    connection = await aio_pika.connect(world.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(consumer.queue)  # the broker cancels the worker's consumer
+    # The worker declares the queue and its bindings again, and consumes from it; until
+    # the binding is back, a message published goes nowhere, so publish until one arrives.
+    deadline = time.monotonic() + 20
+    while True:
+        again = await world.send("orders.created", {"n": 2})
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: (again, "") in world.effects(), timeout=1)
+            break
+        assert time.monotonic() < deadline, "the worker did not consume the queue again"
+    assert (first, "") in world.effects()
+
+
+async def test_a_backlog_is_acked_in_batches_and_nothing_comes_back(world: World) -> None:
+    declaring = world.consumer()
+    declaring.handler("orders.created")(lambda message, session: None)
+    await declaring.start()  # declares the queues, so the backlog can wait in them
+    await declaring.stop()
+    sent = [await world.send("orders.created", {"n": i}) for i in range(300)]
+    consumer = world.consumer()
+    consumer.configure(prefetch=64, batch_size=16)
+
+    @consumer.handler("orders.created")
+    def handle(message: IncomingMessage, session: Session) -> None:
+        record(session, message)
+
+    await consumer.start()
+    await wait_for(lambda: len(world.effects()) == 300)
+    await consumer.stop()  # sends the acks still waiting, then closes
+    connection = await aio_pika.connect(world.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(consumer.queue, passive=True)
+        assert queue.declaration_result.message_count == 0  # every ack reached the broker
+    assert sorted(m for m, _ in world.effects()) == sorted(sent)
+    assert consumer.metrics.duplicates._value.get() == 0
+    samples = consumer.metrics.batch_size.collect()[0].samples
+    batches = next(s.value for s in samples if s.name.endswith("_count"))
+    assert next(s.value for s in samples if s.name.endswith("_sum")) == 300
+    assert batches < 300 / 4  # a backlog is handled many messages per transaction

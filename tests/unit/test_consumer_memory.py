@@ -222,3 +222,56 @@ async def test_batch_size_one_gives_each_message_its_own_transaction(
         await consumer.stop()
     assert sorted(calls) == ["a", "b", "bad", "bad"]  # the failure reran nothing else
     assert consumer.metrics.batch_fallbacks._value.get() == 0
+
+
+async def test_async_handlers_share_transactions_and_a_failure_reruns_them_alone(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    calls: list[str] = []
+    consumer = Consumer("billing", engine=db, broker=memory, config=FAST)
+
+    @consumer.handler("orders.created", retry_delay=timedelta(milliseconds=10))
+    async def handle(message: IncomingMessage, session: Any) -> None:
+        calls.append(message.payload)
+        await session.execute(
+            effects.insert().values(message_id=message.message_id, value=message.payload)
+        )
+        if message.payload == "bad" and message.attempt == 1:
+            raise RuntimeError("poison")
+
+    await consumer.start()
+    try:
+        payloads = ["a", "b", "bad", "c", "d"]
+        await memory.publish([make_envelope("orders.created", p) for p in payloads])
+        await wait_for(lambda: count(db) == 5)
+    finally:
+        await consumer.stop()
+    assert sorted(values(db)) == sorted(payloads)  # every effect once
+    assert consumer.metrics.batch_fallbacks._value.get() == 1
+    assert calls.count("a") == 2  # in the shared transaction, then alone
+    assert calls.count("bad") == 3  # shared, alone, retried
+
+
+async def test_a_batch_of_plain_and_async_handlers_commits_each_kind_once(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    consumer = Consumer("billing", engine=db, broker=memory, config=FAST)
+    consumer.handler("orders.created")(record)
+
+    @consumer.handler("orders.paid")
+    async def paid(message: IncomingMessage, session: Any) -> None:
+        await session.execute(
+            effects.insert().values(message_id=message.message_id, value=str(message.payload))
+        )
+
+    await consumer.start()
+    try:
+        topics = ["orders.created", "orders.paid"] * 4
+        first = [make_envelope(t, f"{t}-{i}") for i, t in enumerate(topics)]
+        await memory.publish([*first, first[0], first[1]])  # two wire duplicates
+        await wait_for(lambda: consumer.metrics.duplicates._value.get() == 2)
+    finally:
+        await consumer.stop()
+    assert sorted(values(db)) == sorted(f"{t}-{i}" for i, t in enumerate(topics))
+    assert count(db, inbox_table) == 8
+    assert consumer.metrics.batch_fallbacks._value.get() == 0
