@@ -348,7 +348,7 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(world: World) -> N
     while True:
         again = await world.send("orders.created", {"n": 2})
         with contextlib.suppress(AssertionError):
-            await wait_for(lambda: (again, "") in world.effects(), timeout=1)
+            await wait_for(lambda sent=again: (sent, "") in world.effects(), timeout=1)
             break
         assert time.monotonic() < deadline, "the worker did not consume the queue again"
     assert (first, "") in world.effects()
