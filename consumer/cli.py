@@ -54,7 +54,7 @@ __all__ = ["consume"]
     envvar="OUTBOX_CONSUMER_BATCH_SIZE",
     show_envvar=True,
     type=click.IntRange(1, 1000),
-    help="Messages of plain handlers per shared transaction; 1: one transaction each.",
+    help="Messages of unordered SQLAlchemy handlers per shared transaction; 1: one each.",
 )
 @click.option(
     "--retry-tiers",

@@ -108,9 +108,10 @@ class ConsumerConfig:
     concurrency: int = 16
     """Handlers running at once (threads for sync handlers)."""
     batch_size: int = 32
-    """Most messages of plain SQLAlchemy handlers that share one transaction (those waiting
-    when a batch can start; ``prefetch // batch_size`` batches run at once, 1 to
-    ``concurrency``); 1 gives every message a transaction of its own."""
+    """Most messages of unordered SQLAlchemy handlers (plain or async) that share one
+    transaction (those waiting when a batch can start; ``prefetch // batch_size``
+    batches run at once, 1 to ``concurrency``); 1 gives every message a transaction of
+    its own."""
     retry_tiers: tuple[timedelta, ...] = DEFAULT_RETRY_TIERS
     """Delay queues for retries; each backoff waits in the first tier at least as long."""
     inbox_retention: timedelta = timedelta(days=14)
