@@ -157,6 +157,12 @@ def context_switches() -> dict[int, int]:
     return counts
 
 
+def main_thread_cpu() -> float:
+    """CPU seconds of this process's main thread (the event loop's) so far."""
+    fields = Path(f"/proc/self/task/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def cpu_of(pids: Sequence[int]) -> dict[int, float]:
     values = {pid: process_cpu(pid) for pid in pids}
     return {pid: v for pid, v in values.items() if v is not None}
@@ -173,6 +179,8 @@ class CpuShare:
     rabbit: float  # the whole broker (shared with anyone else using it)
     machine: float  # everything, all cores
     switches: int = 0  # context switches of this process's threads
+    loop: float = 0.0  # of ``me``: the main thread, which runs the event loop
+    loop_switches: int = 0
 
     def pct(self, value: float) -> float:
         return value / self.wall * 100 if self.wall > 0 else 0.0
@@ -196,12 +204,17 @@ class CpuMeter:
         self._me0 = t.user + t.system
         self._machine0 = machine_busy()
         self._switches0 = context_switches()
+        self._loop0 = main_thread_cpu()
         self._t0 = time.perf_counter()
         return self
 
     def stop(self) -> CpuShare:
         wall = time.perf_counter() - self._t0
-        switches = sum(v - self._switches0.get(tid, 0) for tid, v in context_switches().items())
+        loop = main_thread_cpu() - self._loop0
+        counts = context_switches()
+        switches = sum(v - self._switches0.get(tid, 0) for tid, v in counts.items())
+        pid = os.getpid()
+        loop_switches = counts.get(pid, 0) - self._switches0.get(pid, 0)
         t = os.times()
         machine = machine_busy()
         pg1 = cpu_of(pids_named("postgres"))
@@ -220,6 +233,8 @@ class CpuMeter:
             rabbit=delta(rabbit1, self._rabbit0),
             machine=machine[0] - self._machine0[0],
             switches=switches,
+            loop=loop,
+            loop_switches=loop_switches,
         )
 
 
@@ -1402,6 +1417,13 @@ def show(results: Sequence[Result], raw: Result | None, db: Result | None) -> li
             lines.append(f"  {'':<44} {r.note}")
         if r.batches is not None:
             lines.append(f"  {'':<44} mean batch {r.batches:.1f} messages")
+        if r.label.startswith("(c)"):
+            lines.append(
+                f"  {'':<44} me: event-loop thread {r.us(r.cpu.loop):.0f} µs "
+                f"({r.cpu.loop_switches / max(r.n, 1):.1f} cs), other threads "
+                f"{r.us(r.cpu.me - r.cpu.loop):.0f} µs "
+                f"({(r.cpu.switches - r.cpu.loop_switches) / max(r.n, 1):.1f} cs) per message"
+            )
         for p in r.problems:
             lines.append(f"  {'':<44} ! {p}")
     return lines
