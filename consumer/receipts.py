@@ -153,6 +153,8 @@ class ReceiptPublisher:
         The worker's path for a settled batch: one clock reading, no id parsing.
         Never blocks, never raises.
         """
+        if not message_ids:
+            return
         try:
             if self._off is not None:
                 self._drop(self._off, len(message_ids))

@@ -305,6 +305,35 @@ async def test_a_full_queue_drops_receipts_without_blocking_or_raising(
     assert count(metrics.receipts_dropped, reason="stopped") == 2  # queued, never sent
 
 
+async def test_a_settled_batch_sends_its_receipts_in_one_message_with_one_time(
+    sender: tuple[ReceiptPublisher, _Channel], metrics: ConsumerMetrics
+) -> None:
+    publisher, channel = sender
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+
+    publisher.send_consumed(ids)
+    publisher.send_consumed([])  # a batch of duplicates only: nothing to report
+    await publisher.aclose()
+
+    [(message, routing_key, _)] = channel.exchange.published
+    receipts = decode_receipts(message.body)
+    assert [r.message_id for r in receipts] == ids
+    assert {r.outcome for r in receipts} == {"consumed"}
+    assert len({r.at for r in receipts}) == 1
+    assert routing_key == "billing"
+    assert count(metrics.receipts_sent) == 5
+
+
+async def test_a_batch_larger_than_the_room_left_keeps_what_fits(metrics: ConsumerMetrics) -> None:
+    publisher = ReceiptPublisher("billing", "outbox", metrics, capacity=3)  # not started
+
+    publisher.send_consumed([str(uuid.uuid4()) for _ in range(5)])
+
+    assert count(metrics.receipts_dropped, reason="full") == 2
+    await publisher.aclose()
+    assert count(metrics.receipts_dropped, reason="stopped") == 3
+
+
 async def test_failed_publishes_are_counted_and_sending_goes_on(metrics: ConsumerMetrics) -> None:
     exchange = _Exchange(fail=True)
     channel = _Channel(exchange)
