@@ -112,6 +112,7 @@ def _remote_checkbacks(values: tuple[str, ...]) -> dict[str, str]:
     "(never on the command line, where ps would show it).",
 )
 @_opt("--retention", "OUTBOX_RETENTION", type=DURATION, default="7d")
+@_opt("--receipt-retention", "OUTBOX_RECEIPT_RETENTION", type=DURATION, default="30d")
 @_opt("--metrics-port", "OUTBOX_METRICS_PORT", type=click.IntRange(0, 65535), default=None)
 @_opt("--shutdown-timeout", "OUTBOX_SHUTDOWN_TIMEOUT", type=DURATION, default="20s")
 def relay(
@@ -140,6 +141,7 @@ def relay(
     remote_checkback: tuple[str, ...],
     checkback_secret_env: str,
     retention: timedelta,
+    receipt_retention: timedelta,
     metrics_port: int | None,
     shutdown_timeout: timedelta,
 ) -> None:
@@ -186,6 +188,7 @@ def relay(
         remote_checkbacks=remote,
         checkback_secret=secret,
         retention=retention,
+        receipt_retention=receipt_retention,
         metrics_port=metrics_port,
         shutdown_timeout=shutdown_timeout,
         **extra,

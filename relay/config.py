@@ -91,6 +91,9 @@ class RelayConfig:
     Kept out of ``repr`` and ``public()``."""
     retention: timedelta = timedelta(days=7)
     """Published and discarded rows older than this are purged."""
+    receipt_retention: timedelta = timedelta(days=30)
+    """Receipts recorded longer ago than this are purged. They outlive their message's row
+    (``retention``), so ``outbox status`` can still tell who consumed a purged message."""
     purge_batch: int = 1000
     """Rows deleted per purge statement, so the purge never holds long locks."""
     maintenance_interval: timedelta = timedelta(seconds=30)
@@ -142,6 +145,7 @@ class RelayConfig:
             "check_retry_base",
             "check_retry_max",
             "retention",
+            "receipt_retention",
             "maintenance_interval",
             "gauge_interval",
             "rebalance_interval",

@@ -508,11 +508,17 @@ class Relay:
     async def _maintain(self) -> None:
         store = self._require_store()
         try:
-            purged = 0
+            cfg = self.config
+            purged = receipts = 0
             for _ in range(100):  # at most 100 batches a run; the next run continues
-                n = await store.purge(self.config.retention, self.config.purge_batch)
+                n = await store.purge(cfg.retention, cfg.purge_batch)
                 purged += n
-                if n < self.config.purge_batch or self._stopping.is_set():
+                if n < cfg.purge_batch or self._stopping.is_set():
+                    break
+            for _ in range(100):
+                n = await store.purge_receipts(cfg.receipt_retention, cfg.purge_batch)
+                receipts += n
+                if n < cfg.purge_batch or self._stopping.is_set():
                     break
             expired = await store.clear_expired_claims()
         except _DB_ERRORS as e:
@@ -521,6 +527,12 @@ class Relay:
         if purged:
             self._log.info(
                 "relay.purged", rows=purged, retention_s=self.config.retention.total_seconds()
+            )
+        if receipts:
+            self._log.info(
+                "relay.receipts_purged",
+                rows=receipts,
+                retention_s=self.config.receipt_retention.total_seconds(),
             )
         if expired:
             self._log.warning("relay.leases_expired", rows=expired)

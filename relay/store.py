@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from outbox.dbclock import DatabaseClock
 from outbox.envelope import Envelope
-from outbox.tables import MessageStatus, outbox_table
+from outbox.tables import MessageStatus, outbox_table, receipt_table
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
@@ -313,6 +313,16 @@ class RelayStore:
             .limit(bindparam("limit"))
         )
         self._purge = sa.delete(t).where(t.c.id.in_(finished.scalar_subquery()))
+        # Receipts are appended in about the order they are recorded, so the oldest
+        # ids are the oldest receipts: look at the first ``limit`` by primary key only,
+        # never scan the table for old ones (recorded_at has no index).
+        r = receipt_table
+        oldest = sa.select(r.c.id, r.c.recorded_at).order_by(r.c.id).limit(bindparam("limit"))
+        first = oldest.subquery("oldest")
+        expired = sa.select(first.c.id).where(
+            first.c.recorded_at < self._clock.earlier("receipt_retention")
+        )
+        self._purge_receipts = sa.delete(r).where(r.c.id.in_(expired.scalar_subquery()))
         self._expired = (
             sa.update(t)
             .where(t.c.status == _PENDING, t.c.claimed_until < now)
@@ -537,6 +547,15 @@ class RelayStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 self._purge, {"limit": batch, **self._clock.params(retention=retention)}
+            )
+            return result.rowcount
+
+    async def purge_receipts(self, retention: timedelta, batch: int) -> int:
+        """Delete receipts recorded longer than ``retention`` ago, among the ``batch`` oldest."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                self._purge_receipts,
+                {"limit": batch, **self._clock.params(receipt_retention=retention)},
             )
             return result.rowcount
 

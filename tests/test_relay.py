@@ -12,9 +12,10 @@ import json
 import random
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -27,6 +28,7 @@ from outbox.broker import PublishOutcome, PublishResult
 from outbox.engines import make_async_engine
 from outbox.errors import ConfigurationError
 from outbox.memory_broker import InMemoryBroker
+from outbox.tables import receipt_table
 from relay import Relay, RelayConfig, UnroutablePolicy
 from relay.store import RelayStore
 
@@ -377,6 +379,41 @@ async def test_published_rows_are_purged_after_the_retention(
     ):
         await wait_for(lambda: len(broker.published) == 30)
         await wait_for(lambda: statuses(engine) == {}, timeout=10)
+
+
+async def test_receipts_are_purged_after_their_own_longer_retention(
+    engine: sa.Engine, broker: InMemoryBroker
+) -> None:
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "message_id": uuid.uuid4(),
+            "consumer_group": "billing",
+            "outcome": "consumed",
+            "detail": None,
+            "recorded_at": now - age,
+        }
+        for age in [timedelta(days=40)] * 10 + [timedelta(days=3)] * 5
+    ]
+    with engine.begin() as conn:
+        conn.execute(receipt_table.insert(), rows)
+
+    def receipts() -> int:
+        with engine.connect() as conn:
+            query = sa.select(sa.func.count()).select_from(receipt_table)
+            return int(conn.execute(query).scalar_one())
+
+    async with relay_for(
+        engine,
+        broker,
+        retention=timedelta(days=1),  # receipts outlive their messages' rows
+        receipt_retention=timedelta(days=30),
+        maintenance_interval=timedelta(milliseconds=200),
+        purge_batch=3,
+    ):
+        await wait_for(lambda: receipts() == 5, timeout=10)
+        await asyncio.sleep(0.5)  # another maintenance run keeps the recent ones
+    assert receipts() == 5
 
 
 async def test_metrics_and_healthz_are_served(engine: sa.Engine, broker: InMemoryBroker) -> None:
