@@ -21,6 +21,12 @@ checks that ``effect`` holds one row per message:
      ``ConsumerConfig(prefetch=, concurrency=)``; with receipts, once more without;
      and once with an ``async def`` handler (AsyncSession, no threads; N/2 messages).
 
+With ``--processes K``, (a) and (c) at the first setting run once more in K worker
+processes of this script sharing the queue (the way a group scales across cores):
+the rate runs from the first worker's first delivery to the last worker's last ack,
+``me`` is the workers' CPU over that time, and the Consumer's figure is also given
+against the raw consumer in as many processes.
+
 Then (unless ``--no-ladder``, with N/2 messages each) raw variants take (c) apart,
 each adding one thing: the thread handoff of a no-op; a SQLAlchemy ``Session`` +
 INSERT + commit; plus the framework's inbox INSERT. And a **batch prototype** (here,
@@ -43,6 +49,7 @@ per message, with the CPU the rest of the machine used meanwhile (other load).
     python benchmarks/consumer.py [--messages 20000] [--quick] [--rounds 1]
         [--settings 64/16,256/32] [--batch 256/4/64] [--queue-type quorum|classic]
         [--no-ladder] [--no-variants] [--no-units] [--no-profile] [--keep-profile DIR]
+        [--processes 2]
         [--database-url URL] [--amqp-url URL]
 """
 
@@ -89,6 +96,7 @@ if TYPE_CHECKING:
 # Run as a script from a checkout: the project's packages come before this folder
 # (which holds a ``consumer.py`` of its own).
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(Path(__file__).resolve())
 sys.path.insert(0, str(ROOT))
 
 from report import Figure, write_json  # noqa: E402  (benchmarks/, next to this script)
@@ -742,6 +750,165 @@ def metric_sample(metrics: Any, sample: str) -> float:
     return sum(
         s.value for family in metrics.registry.collect() for s in family.samples if s.name == sample
     )
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def processes_label(kind: str, k: int, prefetch: int, concurrency: int) -> str:
+    if kind == "raw":
+        return f"{RAW} x{k} processes"
+    return f"(c) Consumer {prefetch}/{concurrency} x{k} processes"
+
+
+async def run_processes(
+    stage: Stage,
+    kind: Literal["raw", "consumer"],
+    k: int,
+    n: int,
+    prefetch: int,
+    concurrency: int,
+    timeout: float,
+) -> Result:
+    """``k`` worker processes of this script (``--worker``) share the queue.
+
+    Each worker reports when it saw its first delivery and settled its last, and the
+    CPU it used in between; the rate runs from the earliest first to the latest last.
+    PostgreSQL's and RabbitMQ's CPU is read around the whole arm (start-up included).
+    """
+    label = processes_label(kind, k, prefetch, concurrency)
+    await stage.publish(n)
+    folder = Path(tempfile.mkdtemp(prefix="outbox-bench-workers-"))
+    meter = CpuMeter(stage).start()
+    workers = []
+    for i in range(k):
+        workers.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                SCRIPT,
+                "--worker",
+                kind,
+                "--stage",
+                stage.name,
+                "--queue-type",
+                stage.queue_type,
+                "--settings",
+                f"{prefetch}/{concurrency}",
+                "--database-url",
+                stage.base_url,
+                "--amqp-url",
+                stage.amqp_url,
+                "--report",
+                str(folder / f"{i}.json"),
+            )
+        )
+    problems: list[str] = []
+    deadline = time.perf_counter() + timeout + 10  # + the workers' start-up
+    while True:
+        if kind == "consumer":
+            done = (await asyncio.to_thread(stage.counts))[0] >= n
+        else:
+            done = await stage.queue_depth() == 0
+        if done or time.perf_counter() > deadline:
+            if not done:
+                problems.append(f"not done after {timeout + 10:g}s")
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the last acks of a raw worker (ready 0 is not acked)
+    cpu = meter.stop()
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        await worker.wait()
+    reports = await asyncio.to_thread(read_reports, folder)
+    if len(reports) != k:
+        problems.append(f"{k - len(reports)} workers sent no report")
+    firsts = [r["first"] for r in reports if r["first"] is not None]
+    seconds = max(r["last"] for r in reports) - min(firsts) if firsts else 0.0
+    count = sum(r["count"] for r in reports)
+    if count < n:
+        problems.append(f"only {count}/{n} settled")
+    cpu.me = sum(r["cpu"] for r in reports)
+    cpu.switches = cpu.loop_switches = 0
+    cpu.loop = 0.0
+    note = "workers: " + ", ".join(f"{r['count']} msgs" for r in reports)
+    return Result(label, min(count, n), seconds, cpu, note=note, problems=problems)
+
+
+def read_reports(folder: Path) -> list[dict[str, Any]]:
+    """The workers' reports, and the folder removed."""
+    reports = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    shutil.rmtree(folder, ignore_errors=True)
+    return reports
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    """One worker process of ``run_processes``: consume until SIGTERM, then report."""
+    configure_logging("WARNING")
+    stage = Stage(args.database_url, args.amqp_url, args.stage, args.queue_type)
+    prefetch, concurrency = parse_pairs(args.settings, 2)[0]
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    state: dict[str, Any] = {"first": None, "last": None, "count": 0, "cpu0": None}
+
+    def seen() -> None:
+        if state["first"] is None:
+            state["first"] = time.time()
+            t = os.times()
+            state["cpu0"] = t.user + t.system
+
+    if args.worker == "raw":
+        connection = await aio_pika.connect(stage.amqp_url)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(stage.queue)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            seen()
+            await message.ack()
+            state["count"] += 1
+            state["last"] = time.time()
+
+        await queue.consume(on_message)
+        await stopping.wait()
+        t = os.times()
+        await connection.close()
+    else:
+        consumer = Consumer(
+            GROUP,
+            database_url=stage.url(f"worker{os.getpid()}"),
+            amqp_url=stage.amqp_url,
+            config=stage.config(prefetch, concurrency),
+        )
+
+        @consumer.handler(TOPIC)
+        def on_created(message: IncomingMessage, session: Session) -> None:
+            seen()
+            session.execute(
+                INSERT_EFFECT, {"id": message.message_id, "amount": message.payload["amount"]}
+            )
+
+        await consumer.start()
+        metrics = consumer.metrics
+        while not stopping.is_set():
+            settled = int(metrics.processed._value.get() + metrics.duplicates._value.get())
+            if settled != state["count"]:
+                state["count"], state["last"] = settled, time.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), POLL)
+        t = os.times()
+        await consumer.stop()
+    cpu0 = state["cpu0"] if state["cpu0"] is not None else t.user + t.system
+    report = {
+        "first": state["first"],
+        "last": state["last"] or time.time(),
+        "count": state["count"],
+        "cpu": t.user + t.system - cpu0,
+    }
+    await asyncio.to_thread(Path(args.report).write_text, json.dumps(report))
+    stage.engine.dispose()
+    stage.admin.dispose()
 
 
 # --------------------------------------------------------------------------- batch prototype
@@ -1417,7 +1584,7 @@ def show(results: Sequence[Result], raw: Result | None, db: Result | None) -> li
             lines.append(f"  {'':<44} {r.note}")
         if r.batches is not None:
             lines.append(f"  {'':<44} mean batch {r.batches:.1f} messages")
-        if r.label.startswith("(c)"):
+        if r.label.startswith("(c)") and r.cpu.loop:
             lines.append(
                 f"  {'':<44} me: event-loop thread {r.us(r.cpu.loop):.0f} µs "
                 f"({r.cpu.loop_switches / max(r.n, 1):.1f} cs), other threads "
@@ -1434,9 +1601,21 @@ DB = "(b) raw + psycopg INSERT + COMMIT"
 
 
 def figures(summary: Sequence[Result], raw: Result, db: Result) -> list[Figure]:
-    """The figures benchmarks/run reports: every Consumer arm against (a), the first against (b)."""
+    """The figures benchmarks/run reports: every Consumer arm against (a), the first against (b),
+    and the Consumer in worker processes also against as many raw ones."""
     found: list[Figure] = []
+    raw_processes = next((r for r in summary if r.label.startswith(f"{RAW} x")), None)
     for index, result in enumerate(r for r in summary if r.label.startswith("(c)")):
+        if raw_processes is not None and result.label.endswith(" processes"):
+            found.append(
+                Figure(
+                    name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
+                    value=result.rate,
+                    unit="msg/s",
+                    baseline_name="raw aio-pika consume + ack, as many processes",
+                    baseline=raw_processes.rate,
+                )
+            )
         found.append(
             Figure(
                 name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
@@ -1523,6 +1702,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s (100)")
     parser.add_argument("--keep-profile", type=Path, help="copy py-spy's output to this folder")
     parser.add_argument("--json", help="also write the figures to this file (benchmarks/run)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="also run (a) and (c) at the first setting in this many worker processes (2+)",
+    )
+    # One worker process of --processes (internal).
+    parser.add_argument("--worker", choices=("raw", "consumer"), help=argparse.SUPPRESS)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.messages = min(args.messages, 2000)
@@ -1634,6 +1823,18 @@ async def run(args: argparse.Namespace) -> int:
         if stage.receipts is not None and not args.no_variants:
             label = f"(c) Consumer {prefetch}/{concurrency} receipts=False"
             arms.append((label, consumer_arm(label, prefetch, concurrency, False), True))
+        if args.processes >= 2:
+            for kind, effects in (("raw", False), ("consumer", True)):
+                label = processes_label(kind, args.processes, prefetch, concurrency)
+                arms.append(
+                    (
+                        label,
+                        lambda kind=kind: run_processes(
+                            stage, kind, args.processes, n, prefetch, concurrency, args.timeout
+                        ),
+                        effects,
+                    )
+                )
         if not args.no_variants:
             label = f"(c) Consumer {prefetch}/{concurrency} async def handler"
             arms.append(
@@ -1746,6 +1947,9 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threading.current_thread().name = "bench"
+    if args.worker:
+        asyncio.run(run_worker(args))
+        return 0
     return asyncio.run(run(args))
 
 
