@@ -254,9 +254,13 @@ class QueueConsumer:
 
     async def _consume(self) -> None:
         underlay = await self._channel.get_underlay_channel()
-        window = AckWindow(underlay)
         self._windows = [w for w in self._windows if not w.channel.is_closed]
-        self._windows.append(window)
+        # One window per channel: its delivery tags go on counting after a broker
+        # cancel, and a second window's multiple ack would cover the first one's.
+        window = next((w for w in self._windows if w.channel is underlay), None)
+        if window is None:
+            window = AckWindow(underlay)
+            self._windows.append(window)
 
         async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
             await self._callback(Delivery(message, window))

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
+from typing import Any
 
-from consumer.amqp_delivery import ACK_LINGER, AckWindow
+import pytest
+
+from consumer import amqp_delivery
+from consumer.amqp_delivery import ACK_LINGER, AckWindow, Delivery, QueueConsumer
 
 
 class RecordingChannel:
@@ -118,3 +123,79 @@ async def test_any_order_of_settling_acks_every_ack_and_nacks_every_nack_exactly
                 await asyncio.sleep(rng.choice([0, ACK_LINGER * 1.5]))
         await window.drain()
         assert settled_by(channel.frames) == plan
+
+
+class FakeUnderlay(RecordingChannel):
+    """An aiormq channel that hands out deliveries through the consumer it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumers: dict[str, Any] = {}
+        self.on_consumer_cancel_callbacks: set[Any] = set()
+        self.next_tag = 0
+
+    async def basic_consume(self, queue: str, callback: Any) -> Any:
+        tag = f"ctag{len(self.consumers)}"
+        self.consumers[tag] = callback
+        return SimpleNamespace(consumer_tag=tag)
+
+    async def deliver(self) -> int:
+        self.next_tag += 1
+        message = SimpleNamespace(
+            delivery_tag=self.next_tag,
+            delivery=SimpleNamespace(delivery_tag=self.next_tag),
+        )
+        await list(self.consumers.values())[-1](message)
+        return self.next_tag
+
+    def cancel_by_broker(self) -> None:
+        for callback in list(self.on_consumer_cancel_callbacks):
+            callback(SimpleNamespace(consumer_tag=list(self.consumers)[-1]))
+
+
+class FakeRobustChannel:
+    def __init__(self, underlay: FakeUnderlay) -> None:
+        self.underlay = underlay
+        self.reopen_callbacks: set[Any] = set()
+
+    async def get_underlay_channel(self) -> FakeUnderlay:
+        return self.underlay
+
+
+async def test_after_a_broker_cancel_the_same_channel_keeps_one_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(amqp_delivery, "_RECONSUME_DELAYS", (0.0,))
+    underlay = FakeUnderlay()
+    received: list[Delivery] = []
+
+    async def on_delivery(delivery: Any) -> None:
+        received.append(delivery)
+
+    async def declare() -> None:
+        return None
+
+    consumer = QueueConsumer(
+        FakeRobustChannel(underlay),  # type: ignore[arg-type]
+        "outbox.billing",
+        on_delivery,
+        declare,
+    )
+    await consumer.start()
+    await underlay.deliver()
+    await underlay.deliver()  # tags 1 and 2: still being handled
+    underlay.cancel_by_broker()  # the queue was deleted and declared again
+    await wait_until(lambda: len(underlay.consumers) == 2)
+    await underlay.deliver()
+    await received[2].ack()  # tag 3 must not be acked as "everything up to 3"
+    await asyncio.sleep(0)
+    await received[0].ack()
+    await received[1].nack(requeue=True)
+    await consumer.drain()
+    assert settled_by(underlay.frames) == {1: "ack", 2: "nack", 3: "ack"}
+
+
+async def wait_until(predicate: Any, timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 (a plain condition, no event to wait on)
+            await asyncio.sleep(0.001)
