@@ -8,6 +8,7 @@ before the INSERT is sent.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -145,7 +146,10 @@ class Producer:
             )
         _require_transaction(conn)
         try:
-            conn.execute(self._statement(conn.dialect.name), row)
+            if _plain_postgres(conn):
+                conn.exec_driver_sql(_PG_INSERT, _pg_params(row))
+            else:
+                conn.execute(self._statement(conn.dialect.name), row)
         except DBAPIError as e:
             duplicate = _translate(e, message.message_id)
             if isinstance(duplicate, DuplicateMessageError):
@@ -162,7 +166,10 @@ class Producer:
         assert conn.sync_connection is not None  # connection() above has started it
         _require_transaction(conn.sync_connection)
         try:
-            await conn.execute(self._statement(conn.dialect.name), row)
+            if _plain_postgres(conn.sync_connection):
+                await conn.exec_driver_sql(_PG_INSERT, _pg_params(row))
+            else:
+                await conn.execute(self._statement(conn.dialect.name), row)
         except DBAPIError as e:
             duplicate = _translate(e, message.message_id)
             if isinstance(duplicate, DuplicateMessageError):
@@ -234,6 +241,47 @@ class Producer:
                 stmt = stmt.values(next_attempt_at=func.now())
             self._statements[dialect] = stmt
         return stmt
+
+
+# The outbox row as one fixed SQL text, on PostgreSQL through a driver with named
+# parameters (psycopg): the same row the Core statement writes (``_statement``), for
+# about half of SQLAlchemy's per-statement CPU (compiling the 12 values from the
+# cache and processing each bound value), which is most of publish's own cost.
+_COLUMNS = (
+    "message_id",
+    "topic",
+    "key",
+    "shard",
+    "status",
+    "payload",
+    "content_type",
+    "headers",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "checks",
+)
+_PG_INSERT = (
+    f"INSERT INTO {outbox_table.name} ({', '.join(_COLUMNS)}, next_attempt_at) VALUES ("
+    + ", ".join(f"%({c})s::jsonb" if c == "headers" else f"%({c})s" for c in _COLUMNS)
+    + ", now())"
+)
+
+
+def _plain_postgres(conn: Connection) -> bool:
+    """PostgreSQL with named driver parameters, and no schema_translate_map to honour."""
+    dialect = conn.dialect
+    return (
+        dialect.name == "postgresql"
+        and dialect.paramstyle == "pyformat"
+        and "schema_translate_map" not in conn.get_execution_options()
+    )
+
+
+def _pg_params(row: dict[str, Any]) -> dict[str, Any]:
+    params = {name: row[name] for name in _COLUMNS}
+    params["headers"] = json.dumps(row["headers"], separators=(",", ":"))
+    return params
 
 
 def _require_transaction(conn: Connection) -> None:

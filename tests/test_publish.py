@@ -148,6 +148,24 @@ async def test_committed_transaction_holds_business_row_and_message(
     assert uuid.UUID(message.message_id).version == 7
 
 
+def test_the_row_is_the_same_whichever_statement_writes_it(backend: Backend) -> None:
+    # On PostgreSQL with psycopg publish sends one fixed SQL text; a connection with a
+    # schema_translate_map (here an identity one) gets SQLAlchemy's Core INSERT instead.
+    headers = {"tenant": "t1", "n": 3, "ok": True}
+    with backend.engine.begin() as conn:
+        outbox.publish(conn, "orders.created", {"id": 1}, key="k", headers=headers)
+    translated = backend.engine.execution_options(schema_translate_map={None: None})
+    with translated.begin() as conn:
+        outbox.publish(conn, "orders.created", {"id": 1}, key="k", headers=headers)
+
+    fast, core = backend.rows()
+    differ = {"id", "message_id", "next_attempt_at", "created_at", "updated_at"}
+    same = [c.name for c in outbox.outbox_table.columns if c.name not in differ]
+    assert [getattr(fast, c) for c in same] == [getattr(core, c) for c in same]
+    assert fast.headers == headers
+    assert abs(fast.next_attempt_at - fast.created_at).total_seconds() < 5
+
+
 @pytest.mark.parametrize("kind", HANDLES)
 async def test_rolled_back_transaction_leaves_no_message(backend: Backend, kind: str) -> None:
     await _in_transaction(backend, kind, _place_order(1), fail=True)
