@@ -103,15 +103,16 @@ class ConsumerConfig:
     """Queues are named ``<prefix>.<group>``, ``<prefix>.<group>.dead`` and so on."""
     queue_type: Literal["quorum", "classic"] = "quorum"
     """Type of the group's main, ordered and dead-letter queues (delay queues are classic)."""
-    prefetch: int = 64
+    prefetch: int = 128
     """Unacknowledged messages per queue: the window the worker works on."""
     concurrency: int = 16
     """Handlers running at once (threads for sync handlers)."""
-    batch_size: int = 32
+    batch_size: int = 64
     """Most messages of unordered SQLAlchemy handlers (plain or async) that share one
-    transaction (those waiting when a batch can start; ``prefetch // batch_size``
-    batches run at once, 1 to ``concurrency``); 1 gives every message a transaction of
-    its own."""
+    transaction (those waiting when a batch can start). ``prefetch // (2 * batch_size)``
+    batches run at once, 1 to ``concurrency``: the rest of the window fills the next
+    batches while those run. 1 gives every message a transaction of its own, and
+    ``concurrency`` handlers at once."""
     retry_tiers: tuple[timedelta, ...] = DEFAULT_RETRY_TIERS
     """Delay queues for retries; each backoff waits in the first tier at least as long."""
     inbox_retention: timedelta = timedelta(days=14)

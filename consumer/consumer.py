@@ -440,8 +440,8 @@ class Consumer:
         it holds ``batch_size`` messages, the running one ends, or ``BATCH_LINGER``
         has passed: the handlers are busy anyway, and a batch's cost is mostly per
         transaction, not per message. So under load batches grow to ``batch_size``.
-        At most ``prefetch // batch_size`` batches run at once (1 to
-        ``concurrency``): more would split the prefetch window into small batches.
+        At most ``prefetch // (2 * batch_size)`` batches run at once (1 to
+        ``concurrency``): the rest of the window is the next batch filling up.
         """
         size = self.config.batch_size
         while True:
@@ -881,7 +881,9 @@ class Consumer:
 
 
 def _batches_in_flight(config: ConsumerConfig) -> int:
-    return max(1, min(config.concurrency, config.prefetch // config.batch_size))
+    # Half the prefetch window runs, the other half is the next batch filling up: more
+    # batches at once would only contend for the GIL and make each one smaller.
+    return max(1, min(config.concurrency, config.prefetch // (2 * config.batch_size)))
 
 
 def _attempt(raw: Received) -> int:
