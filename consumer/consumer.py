@@ -20,7 +20,7 @@ import contextvars
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -518,29 +518,12 @@ class Consumer:
         """One transaction: one multi-row inbox INSERT, then the handlers of the new ids."""
         assert self._engine is not None
         outcomes: list[str] = []
-        observe = self.metrics.duration.observe
         traced = tracing_enabled()
         with Session(self._engine) as session, session.begin():
-            fresh = inbox_insert_batch(
-                session.connection(),
-                self.group,
-                [(message.message_id, message.topic) for _, message, _ in batch],
-            )
-            for _, message, spec in batch:
-                if message.message_id not in fresh:  # seen before, or a copy within the batch
-                    outcomes.append(_DUPLICATE)
-                    continue
-                fresh.discard(message.message_id)
-                started = time.perf_counter()
-                if traced:
-                    with consume_span(
-                        self.group, message.topic, message.message_id, message.headers
-                    ):
-                        spec.function(message, session)
-                else:
+            fresh = inbox_insert_batch(session.connection(), self.group, _inbox_pairs(batch))
+            for message, spec in self._new_in(batch, fresh, outcomes):
+                with self._span(message, traced):
                     spec.function(message, session)
-                observe(time.perf_counter() - started)
-                outcomes.append(_DONE)
         return outcomes
 
     async def _execute_batch_async(
@@ -549,28 +532,45 @@ class Consumer:
         """``_execute_batch_sync`` for ``async def`` handlers: one ``AsyncSession`` transaction."""
         assert self._async_engine is not None
         outcomes: list[str] = []
-        observe = self.metrics.duration.observe
         traced = tracing_enabled()
-        pairs = [(message.message_id, message.topic) for _, message, _ in batch]
         async with AsyncSession(self._async_engine) as session, session.begin():
             conn = await session.connection()
-            fresh = await conn.run_sync(inbox_insert_batch, self.group, pairs)
-            for _, message, spec in batch:
-                if message.message_id not in fresh:
-                    outcomes.append(_DUPLICATE)
-                    continue
-                fresh.discard(message.message_id)
-                started = time.perf_counter()
-                if traced:
-                    with consume_span(
-                        self.group, message.topic, message.message_id, message.headers
-                    ):
-                        await spec.function(message, session)
-                else:
+            fresh = await conn.run_sync(inbox_insert_batch, self.group, _inbox_pairs(batch))
+            for message, spec in self._new_in(batch, fresh, outcomes):
+                with self._span(message, traced):
                     await spec.function(message, session)
-                observe(time.perf_counter() - started)
-                outcomes.append(_DONE)
         return outcomes
+
+    def _new_in(
+        self,
+        batch: list[tuple[Received, IncomingMessage, HandlerSpec]],
+        fresh: set[str],
+        outcomes: list[str],
+    ) -> Iterator[tuple[IncomingMessage, HandlerSpec]]:
+        """The messages of ``batch`` whose inbox row is new, for their handlers to run.
+
+        ``outcomes`` gets one entry per message in batch order: a duplicate's at once
+        (seen before, or a second copy within the batch), a new one's when its handler
+        returned, with the handler's time observed.
+        """
+        observe = self.metrics.duration.observe
+        for _, message, spec in batch:
+            if message.message_id not in fresh:
+                outcomes.append(_DUPLICATE)
+                continue
+            fresh.discard(message.message_id)
+            started = time.perf_counter()
+            yield message, spec
+            observe(time.perf_counter() - started)
+            outcomes.append(_DONE)
+
+    def _span(
+        self, message: IncomingMessage, traced: bool
+    ) -> contextlib.AbstractContextManager[None]:
+        """The handler's tracing span, or nothing when no tracer is configured."""
+        if not traced:
+            return contextlib.nullcontext()
+        return consume_span(self.group, message.topic, message.message_id, message.headers)
 
     async def _in_thread(self, function: Callable[..., R], *args: Any) -> R:
         """Run ``function`` in the handler thread pool with this task's context (its span)."""
@@ -878,6 +878,13 @@ class Consumer:
     async def _health_checks(self) -> dict[str, bool]:
         broker = self._transport is not None and self._transport.connected
         return {"database": await database_reachable(self._async_engine), "broker": broker}
+
+
+def _inbox_pairs(
+    batch: list[tuple[Received, IncomingMessage, HandlerSpec]],
+) -> list[tuple[str, str]]:
+    """(message id, topic) of each message: the inbox rows of ``batch``."""
+    return [(message.message_id, message.topic) for _, message, _ in batch]
 
 
 def _batches_in_flight(config: ConsumerConfig) -> int:
