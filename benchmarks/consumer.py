@@ -1608,36 +1608,34 @@ def figures(summary: Sequence[Result], raw: Result, db: Result) -> list[Figure]:
     for index, result in enumerate(r for r in summary if r.label.startswith("(c)")):
         if raw_processes is not None and result.label.endswith(" processes"):
             found.append(
-                Figure(
-                    name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
-                    value=result.rate,
-                    unit="msg/s",
-                    baseline_name="raw aio-pika consume + ack, as many processes",
-                    baseline=raw_processes.rate,
-                )
+                against(result, "raw aio-pika consume + ack, as many processes", raw_processes.rate)
             )
         found.append(
-            Figure(
-                name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
-                value=result.rate,
-                unit="msg/s",
-                baseline_name="raw aio-pika consume + ack",
-                baseline=raw.rate,
+            against(
+                result,
+                "raw aio-pika consume + ack",
+                raw.rate,
                 target=0.7 if index == 0 else None,
                 note="; ".join(result.problems),
             )
         )
         if index == 0:
             found.append(
-                Figure(
-                    name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
-                    value=result.rate,
-                    unit="msg/s",
-                    baseline_name="raw consume + psycopg INSERT + COMMIT per message",
-                    baseline=db.rate,
-                )
+                against(result, "raw consume + psycopg INSERT + COMMIT per message", db.rate)
             )
     return found
+
+
+def against(result: Result, baseline_name: str, baseline: float, **extra: Any) -> Figure:
+    """A Consumer arm's rate as a figure against ``baseline``."""
+    return Figure(
+        name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
+        value=result.rate,
+        unit="msg/s",
+        baseline_name=baseline_name,
+        baseline=baseline,
+        **extra,
+    )
 
 
 def median(results: Sequence[Result], label: str) -> Result:
