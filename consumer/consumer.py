@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from consumer.amqp_transport import AmqpTransport
+from consumer.commit_guard import raise_if_aborted
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
 from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_insert_batch, inbox_row, purge_inbox
@@ -520,10 +521,12 @@ class Consumer:
         outcomes: list[str] = []
         traced = tracing_enabled()
         with Session(self._engine) as session, session.begin():
-            fresh = inbox_insert_batch(session.connection(), self.group, _inbox_pairs(batch))
+            conn = session.connection()
+            fresh = inbox_insert_batch(conn, self.group, _inbox_pairs(batch))
             for message, spec in self._new_in(batch, fresh, outcomes):
                 with self._span(message, traced):
                     spec.function(message, session)
+            raise_if_aborted(conn)
         return outcomes
 
     async def _execute_batch_async(
@@ -539,6 +542,7 @@ class Consumer:
             for message, spec in self._new_in(batch, fresh, outcomes):
                 with self._span(message, traced):
                     await spec.function(message, session)
+            await conn.run_sync(raise_if_aborted)
         return outcomes
 
     def _new_in(
@@ -771,6 +775,7 @@ class Consumer:
             if conn.execute(inbox_insert(conn.dialect.name), row).first() is None:
                 return _DUPLICATE
             spec.function(message, session)
+            raise_if_aborted(conn)
         return _DONE
 
     async def _execute_async(self, spec: HandlerSpec, message: IncomingMessage) -> str:
@@ -781,6 +786,7 @@ class Consumer:
             if (await conn.execute(inbox_insert(conn.dialect.name), row)).first() is None:
                 return _DUPLICATE
             await spec.function(message, session)
+            await conn.run_sync(raise_if_aborted)
         return _DONE
 
     async def _settle(self, raw: Received, outcome: str, message: IncomingMessage) -> None:

@@ -13,6 +13,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from consumer.commit_guard import raise_if_aborted_driver
+
 if TYPE_CHECKING:
     from consumer.config import HandlerSpec
     from consumer.message import IncomingMessage
@@ -59,6 +61,8 @@ def run_django_handler(group: str, spec: HandlerSpec, message: IncomingMessage) 
                 if cursor.fetchone() is None:
                     return False
             spec.function(message)
+            if connection.vendor == "postgresql":
+                raise_if_aborted_driver(connection.connection)
         return True
     finally:
         close_old_connections()

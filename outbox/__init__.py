@@ -14,6 +14,7 @@ from outbox.errors import (
     DuplicateMessageError,
     InvalidMessageError,
     OutboxError,
+    TransactionAbortedError,
     TransactionRequiredError,
 )
 from outbox.half import AsyncHalfMessage, AsyncOutbox, HalfMessage, Outbox, Verdict
@@ -39,6 +40,7 @@ __all__ = [
     "OutboxError",
     "Producer",
     "ProducerConfig",
+    "TransactionAbortedError",
     "TransactionRequiredError",
     "Verdict",
     "inbox_table",

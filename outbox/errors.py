@@ -10,6 +10,7 @@ __all__ = [
     "InvalidMessageError",
     "MalformedMessageError",
     "OutboxError",
+    "TransactionAbortedError",
     "TransactionRequiredError",
 ]
 
@@ -49,6 +50,14 @@ class ConfigurationError(OutboxError, ValueError):
 
 class DatabaseError(OutboxError):
     """The outbox database failed in a way the framework cannot handle itself."""
+
+
+class TransactionAbortedError(DatabaseError):
+    """A handler returned normally from a transaction that a database error had aborted.
+
+    Committing it would silently roll everything back, the inbox row included, so
+    the message is treated as failed instead: it is retried, then dead-lettered.
+    """
 
 
 class BrokerError(OutboxError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -70,4 +71,43 @@ async def test_django_handler_has_one_effect_and_rolls_back_on_failure(
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE effect"))
             conn.execute(sa.text(f"DELETE FROM {BUSINESS_TABLE} WHERE id >= 1000000"))
+        engine.dispose()
+
+
+async def test_django_handler_that_swallows_a_database_error_is_failed_not_acked(
+    django_db: str, pg_url: str, amqp_url: str, unique_name: str
+) -> None:
+    from django.db import DatabaseError, connection
+
+    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={django_db}"})
+    schema_url = url.render_as_string(hide_password=False)
+    engine = sa.create_engine(schema_url)
+    world = World(engine, schema_url, amqp_url, unique_name)
+    consumer: Consumer = world.consumer("django_guarded")
+
+    @consumer.handler("orders.*", django=True, max_attempts=1)
+    def handle(message: IncomingMessage) -> None:
+        # PostgreSQL aborts the transaction all the same.
+        with connection.cursor() as cursor, contextlib.suppress(DatabaseError):
+            cursor.execute("SELECT 1 / 0")
+
+    def inbox_rows() -> int:
+        with engine.connect() as conn:
+            query = "SELECT count(*) FROM outbox_inbox WHERE consumer_group = 'django_guarded'"
+            return int(conn.execute(sa.text(query)).scalar_one())
+
+    try:
+        await consumer.start()
+        await world.send("orders.created", {})
+        await wait_for(lambda: consumer.metrics.dead._value.get() == 1)
+        [dead] = await world.dead_letters(consumer)
+        reason = str(dead.headers["x-outbox-dead-reason"])
+        assert "TransactionAbortedError" in reason
+        assert "transaction.atomic()" in reason
+        assert inbox_rows() == 0
+    finally:
+        await consumer.stop()
+        await world.cleanup()
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS effect"))
         engine.dispose()
