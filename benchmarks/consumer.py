@@ -19,7 +19,9 @@ checks that ``effect`` holds one row per message:
      default options: receipts on when this version has them) with one sync handler
      doing the same INSERT through its session, at each ``--settings`` pair of
      ``ConsumerConfig(prefetch=, concurrency=)``; with receipts, once more without;
-     and once with an ``async def`` handler (AsyncSession, no threads; N/2 messages).
+     once with an ``async def`` handler (AsyncSession, no threads; N/2 messages); and
+     once with a handler that writes nothing (the framework's own cost: inbox rows,
+     commit, acks, receipts).
 
 With ``--processes K``, (a) and (c) at the first setting run once more in K worker
 processes of this script sharing the queue (the way a group scales across cores):
@@ -638,11 +640,13 @@ async def run_consumer(
     profile: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None,
     receipts: bool = True,
     asynchronous: bool = False,
+    effect: bool = True,
 ) -> Result:
     """(c): the framework's Consumer, started in this process, one INSERT per message.
 
     ``asynchronous``: an ``async def`` handler (the Consumer gives it an AsyncSession on
-    its own async engine, psycopg's async mode; no thread pool).
+    its own async engine, psycopg's async mode; no thread pool). ``effect=False``: the
+    handler writes nothing, which leaves the framework's own cost (inbox, commit, ack).
     """
     await stage.publish(n)
     # The engine the Consumer would make itself (same pool), passed in so that it is warmed
@@ -673,9 +677,10 @@ async def run_consumer(
         @consumer.handler(TOPIC)
         def on_created(message: IncomingMessage, session: Session) -> None:
             timer.seen()
-            session.execute(
-                INSERT_EFFECT, {"id": message.message_id, "amount": message.payload["amount"]}
-            )
+            if effect:
+                session.execute(
+                    INSERT_EFFECT, {"id": message.message_id, "amount": message.payload["amount"]}
+                )
 
     problems: list[str] = []
     stop_profile = await profile() if profile is not None else None
@@ -1598,6 +1603,7 @@ def show(results: Sequence[Result], raw: Result | None, db: Result | None) -> li
 
 RAW = "(a) raw consume + ack"
 DB = "(b) raw + psycopg INSERT + COMMIT"
+NOTHING = "handler writes nothing"
 
 
 def figures(summary: Sequence[Result], raw: Result, db: Result) -> list[Figure]:
@@ -1628,8 +1634,9 @@ def figures(summary: Sequence[Result], raw: Result, db: Result) -> list[Figure]:
 
 def against(result: Result, baseline_name: str, baseline: float, **extra: Any) -> Figure:
     """A Consumer arm's rate as a figure against ``baseline``."""
+    work = "inbox only" if result.label.endswith(NOTHING) else "inbox + one INSERT per message"
     return Figure(
-        name=f"consumer: {result.label[4:]}, inbox + one INSERT per message",
+        name=f"consumer: {result.label[4:]}, {work}",
         value=result.rate,
         unit="msg/s",
         baseline_name=baseline_name,
@@ -1692,7 +1699,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2000 messages, no profile")
     parser.add_argument("--no-ladder", action="store_true", help="skip decomposition and batches")
     parser.add_argument(
-        "--no-variants", action="store_true", help="skip the receipts=False and async def arms"
+        "--no-variants",
+        action="store_true",
+        help="skip the receipts=False, async def and handler-writes-nothing arms",
     )
     parser.add_argument("--no-units", action="store_true", help="skip the unit costs")
     parser.add_argument("--no-profile", action="store_true")
@@ -1790,6 +1799,7 @@ async def run(args: argparse.Namespace) -> int:
             receipts: bool = True,
             asynchronous: bool = False,
             count: int = n,
+            effect: bool = True,
         ) -> Callable[[], Awaitable[Result]]:
             return lambda: run_consumer(
                 stage,
@@ -1801,6 +1811,7 @@ async def run(args: argparse.Namespace) -> int:
                 consumers,
                 receipts=receipts,
                 asynchronous=asynchronous,
+                effect=effect,
             )
 
         def batch_arm(
@@ -1838,6 +1849,8 @@ async def run(args: argparse.Namespace) -> int:
             arms.append(
                 (label, consumer_arm(label, prefetch, concurrency, True, True, small), True)
             )
+            label = f"(c) Consumer {prefetch}/{concurrency} {NOTHING}"
+            arms.append((label, consumer_arm(label, prefetch, concurrency, effect=False), False))
         if not args.no_ladder:
             ladder = [
                 ("ladder: (a) + thread handoff of a no-op", noop_work, False),

@@ -57,6 +57,13 @@ __all__ = ["consume"]
     help="Messages of unordered SQLAlchemy handlers per shared transaction; 1: one each.",
 )
 @click.option(
+    "--coalesce-inserts/--no-coalesce-inserts",
+    envvar="OUTBOX_COALESCE_INSERTS",
+    show_envvar=True,
+    default=None,
+    help="Send a batch's one-row INSERTs as one multi-row INSERT (default: on).",
+)
+@click.option(
     "--retry-tiers",
     envvar="OUTBOX_RETRY_TIERS",
     show_envvar=True,

@@ -113,6 +113,11 @@ class ConsumerConfig:
     batches run at once, 1 to ``concurrency``: the rest of the window fills the next
     batches while those run. 1 gives every message a transaction of its own, and
     ``concurrency`` handlers at once."""
+    coalesce_inserts: bool = True
+    """In a batch of plain handlers on PostgreSQL (psycopg), send their one-row
+    ``INSERT ... VALUES`` statements as one multi-row INSERT, before the next other
+    statement and before the commit (``consumer.deferred_inserts``). Off: each runs
+    when the handler runs it (for ``FOR EACH STATEMENT`` triggers that must fire per row)."""
     retry_tiers: tuple[timedelta, ...] = DEFAULT_RETRY_TIERS
     """Delay queues for retries; each backoff waits in the first tier at least as long."""
     inbox_retention: timedelta = timedelta(days=14)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from consumer.amqp_transport import AmqpTransport
 from consumer.commit_guard import raise_if_aborted
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
+from consumer.deferred_inserts import coalesced_inserts
 from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_insert_batch, inbox_row, purge_inbox
 from consumer.memory_transport import MemoryTransport
@@ -516,16 +517,22 @@ class Consumer:
     def _execute_batch_sync(
         self, batch: list[tuple[Received, IncomingMessage, HandlerSpec]]
     ) -> list[str]:
-        """One transaction: one multi-row inbox INSERT, then the handlers of the new ids."""
+        """One transaction: one multi-row inbox INSERT, then the handlers of the new ids.
+
+        Their one-row INSERTs are coalesced (``consumer.deferred_inserts``) unless
+        ``coalesce_inserts`` is off.
+        """
         assert self._engine is not None
         outcomes: list[str] = []
         traced = tracing_enabled()
+        coalesce = self.config.coalesce_inserts
         with Session(self._engine) as session, session.begin():
             conn = session.connection()
             fresh = inbox_insert_batch(conn, self.group, _inbox_pairs(batch))
-            for message, spec in self._new_in(batch, fresh, outcomes):
-                with self._span(message, traced):
-                    spec.function(message, session)
+            with coalesced_inserts(conn) if coalesce else contextlib.nullcontext():
+                for message, spec in self._new_in(batch, fresh, outcomes):
+                    with self._span(message, traced):
+                        spec.function(message, session)
             raise_if_aborted(conn)
         return outcomes
 

@@ -1,0 +1,204 @@
+"""One-row INSERTs of a batch's handlers, sent as one multi-row INSERT (PostgreSQL + psycopg).
+
+The usual handler writes a row: ``session.execute(insert(t).values(...))``. In a
+batch of 64 messages that is 64 statements, and each one waits for an answer
+that only says "INSERT 0 1": a round trip, and two handovers of the GIL between
+the handler thread and the event loop, per message. Yet nobody needs that answer
+before the batch commits. So while a batch's handlers run, a statement of the
+form ``INSERT INTO t (...) VALUES (one row)``, with nothing after the row (no
+``ON CONFLICT``, no ``RETURNING``), is held back; it returns no rows and reports
+``rowcount`` 1. Consecutive held-back INSERTs of the same statement then go out
+as one ``INSERT ... VALUES (...), (...), ...``:
+
+- before any other statement runs on the connection (a query sees every row the
+  handlers wrote before it, in order),
+- when the handlers are done, before the batch commits.
+
+A held-back INSERT that fails (a constraint, a bad value) therefore fails later,
+at one of those points, but always before the commit: the batch is rolled back
+and every message is handled again alone, without holding anything back (see
+``Consumer._handle_batch``), so the failing handler sees its own error where it
+ran the statement. What differs from running the statements one by one: a
+``FOR EACH STATEMENT`` trigger fires once per multi-row INSERT, and SQLAlchemy's
+``echo`` logs the statements as the handlers ran them. ``ConsumerConfig(
+coalesce_inserts=False)`` turns this off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import sqlalchemy as sa
+
+__all__ = ["MAX_PARAMETERS", "coalesced_inserts", "row_insert"]
+
+MAX_PARAMETERS = 30_000
+"""Parameters per multi-row INSERT (PostgreSQL takes at most 65,535 per statement)."""
+
+_INSERT_INTO = re.compile(r"\s*INSERT\s+INTO\s", re.IGNORECASE)
+_VALUES = re.compile(r"\bVALUES\s*\(", re.IGNORECASE)
+_SELECT = re.compile(r"\bSELECT\b", re.IGNORECASE)
+_NAMED = re.compile(r"%\((\w+)\)([sbt])")
+
+
+@functools.lru_cache(maxsize=1024)
+def row_insert(sql: str) -> tuple[str, str] | None:
+    """Split ``INSERT INTO ... VALUES (row)`` into its head and its row; None for anything else.
+
+    Only a statement that ends with its one row qualifies (no parameters before
+    the row, no subquery in it): it returns no rows and inserts exactly one, or
+    fails. What this cannot be sure of is None, which only means the statement
+    runs as usual.
+    """
+    if "%%" in sql or not _INSERT_INTO.match(sql):
+        return None
+    values = _VALUES.search(sql)
+    if values is None:
+        return None
+    start = values.end() - 1
+    end = _closing_paren(sql, start)
+    if end is None or sql[end + 1 :].strip() or "%" in sql[:start]:
+        return None
+    row = sql[start : end + 1]
+    # A subquery would see the table as it was before the multi-row statement, not
+    # with the rows held back before it: such a row runs alone.
+    if _SELECT.search(row):
+        return None
+    return sql[:start], row
+
+
+def _closing_paren(sql: str, start: int) -> int | None:
+    """The index of the ``)`` that closes the ``(`` at ``start``; quoted text is skipped."""
+    depth = 0
+    i = start
+    while i < len(sql):
+        char = sql[i]
+        if char in "'\"":
+            i = sql.find(char, i + 1)  # a doubled quote scans as two quoted runs: the same
+            if i < 0:
+                return None
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+class _Held:
+    """The INSERTs held back on one connection, in the order the handlers ran them."""
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+        self._rows: list[tuple[str, tuple[str, str], Any]] = []
+
+    def add(self, sql: str, split: tuple[str, str], params: Any) -> None:
+        self._rows.append((sql, split, params))
+
+    def send(self) -> None:
+        """Run what is held, as one statement per run of the same INSERT."""
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        import psycopg  # the caller checked the driver
+
+        cursor = psycopg.Cursor(self._driver)  # the plain class: this must not hold back
+        try:
+            start = 0
+            while start < len(rows):
+                end = start + 1
+                sql, (head, row), first = rows[start]
+                per_row = max(1, len(first) if first is not None else 0)
+                limit = max(1, MAX_PARAMETERS // per_row)
+                while end < len(rows) and rows[end][0] == sql and end - start < limit:
+                    end += 1
+                cursor.execute(*_statement(head, row, [p for _, _, p in rows[start:end]]))
+                start = end
+        finally:
+            cursor.close()
+
+
+def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
+    """One INSERT of every row in ``params``: named parameters get a suffix per row."""
+    if len(params) == 1:
+        return head + row, params[0]
+    if all(isinstance(p, dict) for p in params):
+        rows: list[str] = []
+        merged: dict[str, Any] = {}
+        for n, p in enumerate(params):
+            suffix = f"__{n}"
+            rows.append(_NAMED.sub(rf"%(\1{suffix})\2", row))
+            merged.update({name + suffix: value for name, value in p.items()})
+        return head + ", ".join(rows), merged
+    return head + ", ".join([row] * len(params)), [v for p in params for v in (p or ())]
+
+
+@contextlib.contextmanager
+def coalesced_inserts(connection: sa.Connection) -> Iterator[None]:
+    """Hold back one-row INSERTs run on ``connection`` in the block; send them coalesced.
+
+    Anything but psycopg 3 (sync) runs the block as it is. Leaving the block sends
+    what is held (raising its error, if any); the transaction stays open.
+    """
+    driver = connection.connection.driver_connection
+    if connection.dialect.driver != "psycopg" or driver is None:
+        yield
+        return
+    held = _Held(driver)
+    previous = driver.cursor_factory, driver.server_cursor_factory
+    driver.cursor_factory, driver.server_cursor_factory = _cursor_classes(held)
+    try:
+        yield
+        held.send()
+    finally:
+        driver.cursor_factory, driver.server_cursor_factory = previous
+
+
+def _cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
+    """Cursor classes that hold back row INSERTs and send the held ones before anything else."""
+    import psycopg
+
+    class HoldingCursor(psycopg.Cursor[Any]):
+        _held_back = False
+
+        def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+            split = row_insert(query) if isinstance(query, str) and not options else None
+            if split is not None and (params is None or isinstance(params, dict | list | tuple)):
+                held.add(query, split, params)
+                self._held_back = True
+                return self
+            self._held_back = False
+            held.send()
+            return super().execute(query, params, **options)
+
+        def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+            self._held_back = False
+            held.send()
+            super().executemany(query, params_seq, **options)
+
+        def copy(self, *args: Any, **kwargs: Any) -> Any:
+            held.send()
+            return super().copy(*args, **kwargs)
+
+        def stream(self, *args: Any, **kwargs: Any) -> Any:
+            held.send()
+            return super().stream(*args, **kwargs)
+
+        @property
+        def rowcount(self) -> int:
+            return 1 if self._held_back else super().rowcount
+
+    class SendingServerCursor(psycopg.ServerCursor[Any]):
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            held.send()
+            return super().execute(*args, **kwargs)
+
+    return HoldingCursor, SendingServerCursor
