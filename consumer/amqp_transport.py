@@ -25,12 +25,10 @@ from outbox.errors import ConfigurationError
 from outbox.logs import get_logger, redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
     from consumer.metrics import ConsumerMetrics
-    from consumer.transport import Received, Topology
+    from consumer.transport import OnDelivery, Received, Topology
 
 __all__ = ["AmqpTransport"]
 
@@ -108,9 +106,7 @@ class AmqpTransport:
         finally:
             await channel.close()
 
-    async def consume(
-        self, queue: str, prefetch: int, callback: Callable[[Received], Awaitable[None]]
-    ) -> None:
+    async def consume(self, queue: str, prefetch: int, callback: OnDelivery) -> None:
         """Consume ``queue`` on a channel of its own, so each queue has its own prefetch window.
 
         The queue is declared again on that channel (same arguments, so a no-op on

@@ -20,7 +20,7 @@ import contextvars
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -389,17 +389,22 @@ class Consumer:
 
     # -- unordered ----------------------------------------------------------------------
 
-    async def _on_message(self, raw: Received) -> None:
+    def _on_message(self, raw: Received) -> Awaitable[None] | None:
+        """Take a delivery: into the next batch at once, or return what handles it alone."""
         if self._stopping.is_set():
-            await raw.nack(requeue=True)
-            return
+            return raw.nack(requeue=True)
         parsed = self._parse(raw)
         if not isinstance(parsed, str) and self._batchable(parsed[1]):
             self._batch.append((raw, *parsed))
             self._batched.set()
             if len(self._batch) >= self.config.batch_size:
                 self._batch_moved.set()
-            return
+            return None
+        return self._start_unordered(raw, parsed)
+
+    async def _start_unordered(
+        self, raw: Received, parsed: tuple[IncomingMessage, HandlerSpec] | str
+    ) -> None:
         await self._slots.acquire()
         task = asyncio.create_task(self._handle_unordered(raw, parsed))
         self._inflight.add(task)

@@ -20,12 +20,12 @@ from outbox.envelope import Envelope, WireFormat
 from outbox.logs import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
     from datetime import timedelta
 
     from consumer.metrics import ConsumerMetrics
     from consumer.receipts import ReceiptPublisher
-    from consumer.transport import Received, Topology
+    from consumer.transport import OnDelivery, Received, Topology
     from outbox.memory_broker import InMemoryBroker, MemoryDelivery
 
 __all__ = ["MemoryTransport"]
@@ -103,23 +103,21 @@ class MemoryTransport:
             await self.broker.declare_queue(topology.ordered_queue, topology.ordered_patterns)
         self._main = topology.queue
 
-    async def consume(
-        self, queue: str, prefetch: int, callback: Callable[[Received], Awaitable[None]]
-    ) -> None:
+    async def consume(self, queue: str, prefetch: int, callback: OnDelivery) -> None:
         """Feed ``queue``'s deliveries to ``callback`` from a task of its own."""
         self._tasks.append(
             asyncio.create_task(self._feed(queue, prefetch, callback), name=f"consume {queue}")
         )
 
-    async def _feed(
-        self, queue: str, prefetch: int, callback: Callable[[Received], Awaitable[None]]
-    ) -> None:
+    async def _feed(self, queue: str, prefetch: int, callback: OnDelivery) -> None:
         try:
             async with contextlib.aclosing(self.broker.consume(queue, prefetch=prefetch)) as feed:
                 async for delivery in feed:
                     received = _Delivery(delivery, self._wire, self._outstanding)
                     self._outstanding.add(received)
-                    await callback(received)
+                    pending = callback(received)
+                    if pending is not None:
+                        await pending  # one at a time: the handler slots hold the feed back
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -9,17 +9,18 @@ once against this interface.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
     from datetime import datetime, timedelta
 
     from consumer.metrics import ConsumerMetrics
     from consumer.receipts import ReceiptPublisher
 
-__all__ = ["Received", "Topology", "Transport"]
+__all__ = ["OnDelivery", "Received", "Topology", "Transport"]
 
 
 class Received(Protocol):
@@ -45,6 +46,10 @@ class Received(Protocol):
 
     async def nack(self, *, requeue: bool = True) -> None:
         """Give it back to its queue (``requeue=True``)."""
+
+
+OnDelivery: TypeAlias = Callable[[Received], Awaitable[None] | None]
+"""What a transport calls with each delivery: None once taken, or an awaitable to finish."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +86,13 @@ class Transport(Protocol):
         """Declare the group's queues and bindings (idempotent)."""
         ...
 
-    async def consume(
-        self, queue: str, prefetch: int, callback: Callable[[Received], Awaitable[None]]
-    ) -> None:
-        """Call ``callback`` for each delivery of ``queue``, ``prefetch`` unacked at most."""
+    async def consume(self, queue: str, prefetch: int, callback: OnDelivery) -> None:
+        """Call ``callback`` for each delivery of ``queue``, ``prefetch`` unacked at most.
+
+        The callback runs on the event loop and returns None when it has taken the
+        delivery, or an awaitable that finishes the job (run as a task of its own,
+        or awaited before the next delivery where the transport feeds one at a time).
+        """
         ...
 
     async def cancel(self) -> None:
