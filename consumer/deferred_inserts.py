@@ -99,6 +99,10 @@ class _Held:
     def __init__(self, driver: Any) -> None:
         self._driver = driver
         self._rows: list[tuple[str, tuple[str, str], Any]] = []
+        self.failure: BaseException | None = None
+        """What made a send fail. Its rows are gone from the transaction, and an error
+        raised before PostgreSQL saw them (a value psycopg cannot adapt) does not
+        abort the transaction: were a handler to catch it, the batch must fail anyway."""
 
     def add(self, sql: str, split: tuple[str, str], params: Any) -> None:
         self._rows.append((sql, split, params))
@@ -112,18 +116,24 @@ class _Held:
 
         cursor = psycopg.Cursor(self._driver)  # the plain class: this must not hold back
         try:
-            start = 0
-            while start < len(rows):
-                end = start + 1
-                sql, (head, row), first = rows[start]
-                per_row = max(1, len(first) if first is not None else 0)
-                limit = max(1, MAX_PARAMETERS // per_row)
-                while end < len(rows) and rows[end][0] == sql and end - start < limit:
-                    end += 1
-                cursor.execute(*_statement(head, row, [p for _, _, p in rows[start:end]]))
-                start = end
+            self._send(cursor, rows)
+        except BaseException as e:
+            self.failure = self.failure or e
+            raise
         finally:
             cursor.close()
+
+    @staticmethod
+    def _send(cursor: Any, rows: list[tuple[str, tuple[str, str], Any]]) -> None:
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            sql, (head, row), first = rows[start]
+            limit = max(1, MAX_PARAMETERS // max(1, len(first or ())))
+            while end < len(rows) and rows[end][0] == sql and end - start < limit:
+                end += 1
+            cursor.execute(*_statement(head, row, [p for _, _, p in rows[start:end]]))
+            start = end
 
 
 def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
@@ -158,6 +168,8 @@ def coalesced_inserts(connection: sa.Connection) -> Iterator[None]:
     try:
         yield
         held.send()
+        if held.failure is not None:
+            raise held.failure
     finally:
         driver.cursor_factory, driver.server_cursor_factory = previous
 

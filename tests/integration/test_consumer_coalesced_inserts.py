@@ -6,6 +6,7 @@ The consumer runs on the in-memory broker against a real PostgreSQL schema. A
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -176,3 +177,31 @@ async def test_a_held_back_insert_that_fails_reruns_the_batch_and_fails_in_its_h
     assert errors == ["UniqueViolation"]  # raised where the handler ran it, on the rerun
     [dead] = memory.messages(consumer.dead_queue)
     assert "IntegrityError" in str(dead.headers["x-outbox-dead-reason"])
+
+
+async def test_a_send_that_fails_fails_the_batch_even_if_a_handler_swallows_it(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    consumer = consumer_on(memory, db)
+
+    class Unadaptable:
+        """A value psycopg cannot send: the error comes before PostgreSQL sees anything."""
+
+    @consumer.handler("orders.*", max_attempts=1)
+    def handle(message: IncomingMessage, session: Any) -> None:
+        value = Unadaptable() if message.payload == "odd" else message.payload
+        session.execute(ADD_ORDER, {"id": message.message_id, "p": value})
+        # A query sends what is held; a handler that swallows what that raises must
+        # not make the batch commit without the rows that were held.
+        with contextlib.suppress(Exception):
+            session.execute(sa.text("SELECT 1"))
+
+    await consumer.start()
+    try:
+        await memory.publish([make_envelope("orders.created", p) for p in ["a", "odd", "b"]])
+        await wait_for(lambda: count(db, inbox_table) == 2)
+        await wait_for(lambda: memory.queue_depth(consumer.dead_queue) == 1)
+    finally:
+        await consumer.stop()
+    assert payloads(db) == ["a", "b"]
+    assert consumer.metrics.batch_fallbacks._value.get() == 1
