@@ -114,7 +114,7 @@ class ConsumerConfig:
     batches while those run. 1 gives every message a transaction of its own, and
     ``concurrency`` handlers at once."""
     coalesce_inserts: bool = True
-    """In a batch of plain handlers on PostgreSQL (psycopg), send their one-row
+    """In a batch of SQLAlchemy handlers on PostgreSQL (psycopg), send their one-row
     ``INSERT ... VALUES`` statements as one multi-row INSERT, before the next other
     statement and before the commit (``consumer.deferred_inserts``). Off: each runs
     when the handler runs it (for ``FOR EACH STATEMENT`` triggers that must fire per row)."""

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from consumer.amqp_transport import AmqpTransport
 from consumer.commit_guard import raise_if_aborted
 from consumer.config import ConsumerConfig, Exhausted, HandlerSpec, validate_group
-from consumer.deferred_inserts import coalesced_inserts
+from consumer.deferred_inserts import coalesced_inserts, coalesced_inserts_async
 from consumer.django_handler import run_django_handler
 from consumer.inbox import inbox_insert, inbox_insert_batch, inbox_row, purge_inbox
 from consumer.memory_transport import MemoryTransport
@@ -548,12 +548,14 @@ class Consumer:
         assert self._async_engine is not None
         outcomes: list[str] = []
         traced = tracing_enabled()
+        coalesce = self.config.coalesce_inserts
         async with AsyncSession(self._async_engine) as session, session.begin():
             conn = await session.connection()
             fresh = await conn.run_sync(inbox_insert_batch, self.group, _inbox_pairs(batch))
-            for message, spec in self._new_in(batch, fresh, outcomes):
-                with self._span(message, traced):
-                    await spec.function(message, session)
+            async with coalesced_inserts_async(conn) if coalesce else contextlib.nullcontext():
+                for message, spec in self._new_in(batch, fresh, outcomes):
+                    with self._span(message, traced):
+                        await spec.function(message, session)
             await conn.run_sync(raise_if_aborted)
         return outcomes
 

@@ -32,11 +32,12 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
     import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["MAX_PARAMETERS", "coalesced_inserts", "row_insert"]
+__all__ = ["MAX_PARAMETERS", "coalesced_inserts", "coalesced_inserts_async", "row_insert"]
 
 MAX_PARAMETERS = 30_000
 """Parameters per multi-row INSERT (PostgreSQL takes at most 65,535 per statement)."""
@@ -108,23 +109,43 @@ class _Held:
         self._rows.append((sql, split, params))
 
     def send(self) -> None:
-        """Run what is held, as one statement per run of the same INSERT."""
-        if not self._rows:
+        """Run what is held (sync connection)."""
+        statements = self._take()
+        if not statements:
             return
-        rows, self._rows = self._rows, []
         import psycopg  # the caller checked the driver
 
         cursor = psycopg.Cursor(self._driver)  # the plain class: this must not hold back
         try:
-            self._send(cursor, rows)
+            for sql, params in statements:
+                cursor.execute(sql, params)
         except BaseException as e:
             self.failure = self.failure or e
             raise
         finally:
             cursor.close()
 
-    @staticmethod
-    def _send(cursor: Any, rows: list[tuple[str, tuple[str, str], Any]]) -> None:
+    async def asend(self) -> None:
+        """Run what is held (async connection)."""
+        statements = self._take()
+        if not statements:
+            return
+        import psycopg
+
+        cursor = psycopg.AsyncCursor(self._driver)
+        try:
+            for sql, params in statements:
+                await cursor.execute(sql, params)
+        except BaseException as e:
+            self.failure = self.failure or e
+            raise
+        finally:
+            await cursor.close()
+
+    def _take(self) -> list[tuple[str, Any]]:
+        """The held rows as statements, one per run of the same INSERT; nothing is held after."""
+        rows, self._rows = self._rows, []
+        statements: list[tuple[str, Any]] = []
         start = 0
         while start < len(rows):
             end = start + 1
@@ -132,8 +153,18 @@ class _Held:
             limit = max(1, MAX_PARAMETERS // max(1, len(first or ())))
             while end < len(rows) and rows[end][0] == sql and end - start < limit:
                 end += 1
-            cursor.execute(*_statement(head, row, [p for _, _, p in rows[start:end]]))
+            statements.append(_statement(head, row, [p for _, _, p in rows[start:end]]))
             start = end
+        return statements
+
+
+def _holds(query: Any, params: Any, options: dict[str, Any]) -> tuple[str, str] | None:
+    """How ``execute(query, params, **options)`` is held back, or None to run it now."""
+    if options or not isinstance(query, str):
+        return None
+    if params is not None and not isinstance(params, dict | list | tuple):
+        return None
+    return row_insert(query)
 
 
 def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
@@ -182,12 +213,11 @@ def _cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
         _held_back = False
 
         def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
-            split = row_insert(query) if isinstance(query, str) and not options else None
-            if split is not None and (params is None or isinstance(params, dict | list | tuple)):
+            split = _holds(query, params, options)
+            self._held_back = split is not None
+            if split is not None:
                 held.add(query, split, params)
-                self._held_back = True
                 return self
-            self._held_back = False
             held.send()
             return super().execute(query, params, **options)
 
@@ -214,3 +244,66 @@ def _cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
             return super().execute(*args, **kwargs)
 
     return HoldingCursor, SendingServerCursor
+
+
+@contextlib.asynccontextmanager
+async def coalesced_inserts_async(connection: AsyncConnection) -> AsyncIterator[None]:
+    """``coalesced_inserts`` for an ``AsyncConnection`` (``async def`` handlers' batches)."""
+    driver = connection.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    if connection.dialect.driver != "psycopg" or driver is None:
+        yield
+        return
+    held = _Held(driver)
+    previous = driver.cursor_factory, driver.server_cursor_factory
+    driver.cursor_factory, driver.server_cursor_factory = _async_cursor_classes(held)
+    try:
+        yield
+        await held.asend()
+        if held.failure is not None:
+            raise held.failure
+    finally:
+        driver.cursor_factory, driver.server_cursor_factory = previous
+
+
+def _async_cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
+    """``_cursor_classes`` for psycopg's ``AsyncConnection``."""
+    import psycopg
+
+    class HoldingAsyncCursor(psycopg.AsyncCursor[Any]):
+        _held_back = False
+
+        async def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+            split = _holds(query, params, options)
+            self._held_back = split is not None
+            if split is not None:
+                held.add(query, split, params)
+                return self
+            await held.asend()
+            return await super().execute(query, params, **options)
+
+        async def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+            self._held_back = False
+            await held.asend()
+            await super().executemany(query, params_seq, **options)
+
+        @contextlib.asynccontextmanager
+        async def copy(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            await held.asend()
+            async with super().copy(*args, **kwargs) as copy:
+                yield copy
+
+        async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            await held.asend()
+            async for row in super().stream(*args, **kwargs):
+                yield row
+
+        @property
+        def rowcount(self) -> int:
+            return 1 if self._held_back else super().rowcount
+
+    class SendingAsyncServerCursor(psycopg.AsyncServerCursor[Any]):
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            await held.asend()
+            return await super().execute(*args, **kwargs)
+
+    return HoldingAsyncCursor, SendingAsyncServerCursor
