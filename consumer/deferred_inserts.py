@@ -2,13 +2,13 @@
 
 The usual handler writes a row: ``session.execute(insert(t).values(...))``. In a
 batch of 64 messages that is 64 statements, and each one waits for an answer
-that only says "INSERT 0 1": a round trip, and two handovers of the GIL between
-the handler thread and the event loop, per message. Yet nobody needs that answer
-before the batch commits. So while a batch's handlers run, a statement of the
-form ``INSERT INTO t (...) VALUES (one row)``, with nothing after the row (no
-``ON CONFLICT``, no ``RETURNING``), is held back; it returns no rows and reports
-``rowcount`` 1. Consecutive held-back INSERTs of the same statement then go out
-as one ``INSERT ... VALUES (...), (...), ...``:
+that only says "INSERT 0 1": a round trip per message and, for plain handlers,
+two handovers of the GIL between the handler thread and the event loop. Yet
+nobody needs that answer before the batch commits. So while a batch's handlers
+run, a statement of the form ``INSERT INTO t (...) VALUES (one row)``, with
+nothing after the row (no ``ON CONFLICT``, no ``RETURNING``), is held back; it
+returns no rows and reports ``rowcount`` 1. Consecutive held-back INSERTs of the
+same statement then go out as one ``INSERT ... VALUES (...), (...), ...``:
 
 - before any other statement runs on the connection (a query sees every row the
   handlers wrote before it, in order),
@@ -68,8 +68,9 @@ def row_insert(sql: str) -> tuple[str, str] | None:
         return None
     row = sql[start : end + 1]
     # A subquery would see the table as it was before the multi-row statement, not
-    # with the rows held back before it: such a row runs alone.
-    if _SELECT.search(row):
+    # with the rows held back before it: such a row runs alone. So does a named
+    # parameter that _statement could not give a suffix per row.
+    if _SELECT.search(row) or row.count("%(") != len(_NAMED.findall(row)):
         return None
     return sql[:start], row
 
@@ -186,7 +187,7 @@ def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
 def coalesced_inserts(connection: sa.Connection) -> Iterator[None]:
     """Hold back one-row INSERTs run on ``connection`` in the block; send them coalesced.
 
-    Anything but psycopg 3 (sync) runs the block as it is. Leaving the block sends
+    Anything but psycopg 3's sync connection runs the block as it is. Leaving the block sends
     what is held (raising its error, if any); the transaction stays open.
     """
     driver = connection.connection.driver_connection

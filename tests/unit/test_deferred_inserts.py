@@ -42,6 +42,7 @@ def test_a_one_row_insert_that_ends_with_its_row_is_held_back(sql: str) -> None:
         "SELECT 1",
         "INSERT INTO t (a) VALUES ('100%%')",  # an escaped percent: left alone
         "INSERT INTO t (a) VALUES ('unterminated)",
+        "INSERT INTO t (a) VALUES (%(odd-name)s)",  # a name that could not get a suffix
     ],
 )
 def test_anything_else_runs_as_usual(sql: str) -> None:
