@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -387,3 +388,32 @@ async def test_a_backlog_is_acked_in_batches_and_nothing_comes_back(world: World
     batches = next(s.value for s in samples if s.name.endswith("_count"))
     assert next(s.value for s in samples if s.name.endswith("_sum")) == 300
     assert batches < 300 / 4  # a backlog is handled many messages per transaction
+
+
+async def test_a_delivery_waiting_for_a_handler_slot_at_stop_is_given_back(world: World) -> None:
+    world.config = dataclasses.replace(world.config, batch_size=1, concurrency=1)
+    consumer = world.consumer()
+    started = asyncio.Event()
+    handled: list[str] = []
+
+    @consumer.handler("orders.*")
+    async def slow(message: IncomingMessage, session: AsyncSession) -> None:
+        handled.append(message.message_id)
+        started.set()
+        await asyncio.sleep(0.3)  # ends while stop() waits; the next one waits for the slot
+
+    await consumer.start()
+    first = await world.send("orders.created", {})
+    await asyncio.wait_for(started.wait(), 10)
+    second = await world.send("orders.created", {})
+    await asyncio.sleep(0.1)  # delivered, waiting for the one slot
+    await consumer.stop()
+    assert handled == [first]  # the second got its slot only once stopping had begun
+
+    again = world.consumer()
+    again.handler("orders.*")(slow)
+    await again.start()
+    try:
+        await wait_for(lambda: second in handled)  # it was given back, not lost
+    finally:
+        await again.stop()
