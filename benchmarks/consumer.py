@@ -49,7 +49,7 @@ backends and RabbitMQ (shared) is read from /proc around each measurement and sh
 per message, with the CPU the rest of the machine used meanwhile (other load).
 
     python benchmarks/consumer.py [--messages 20000] [--quick] [--rounds 1]
-        [--settings 128/16,256/32] [--batch 256/4/64] [--queue-type quorum|classic]
+        [--settings 256/16,128/16] [--batch 256/4/64] [--queue-type quorum|classic]
         [--no-ladder] [--no-variants] [--no-units] [--no-profile] [--keep-profile DIR]
         [--processes 2]
         [--database-url URL] [--amqp-url URL]
@@ -1685,8 +1685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=20_000, help="per measurement (20000)")
     parser.add_argument(
         "--settings",
-        default="128/16,256/32",
-        help="Consumer prefetch/concurrency pairs; the first is also the baselines' (128/16,...)",
+        default="256/16,128/16",
+        help="Consumer prefetch/concurrency pairs; the first is also the baselines' (256/16,...)",
     )
     parser.add_argument(
         "--batch",

@@ -103,7 +103,7 @@ class ConsumerConfig:
     """Queues are named ``<prefix>.<group>``, ``<prefix>.<group>.dead`` and so on."""
     queue_type: Literal["quorum", "classic"] = "quorum"
     """Type of the group's main, ordered and dead-letter queues (delay queues are classic)."""
-    prefetch: int = 128
+    prefetch: int = 256
     """Unacknowledged messages per queue: the window the worker works on."""
     concurrency: int = 16
     """Handlers running at once (threads for sync handlers)."""
