@@ -33,7 +33,14 @@ from aiormq.abc import DeliveredMessage
 
 from outbox.ids import new_message_id, normalize_message_id
 from outbox.logs import get_logger
-from outbox.receipts import CONTENT_TYPE, Receipt, encode_receipts, receipts_exchange
+from outbox.receipts import (
+    CONTENT_TYPE,
+    Receipt,
+    consumed_receipt_texts,
+    join_receipt_texts,
+    receipt_text,
+    receipts_exchange,
+)
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -73,7 +80,7 @@ class ReceiptPublisher:
         self._publish_timeout = publish_timeout.total_seconds()
         self._warn_every = warn_every.total_seconds()
         self._capacity = capacity
-        self._pending: deque[Receipt] = deque()
+        self._pending: deque[str] = deque()  # each receipt's JSON object text
         self._queued = asyncio.Event()  # something is pending
         self._full = asyncio.Event()  # a whole batch is pending: send it without waiting
         self._exchange: AbstractExchange | None = None
@@ -133,17 +140,14 @@ class ReceiptPublisher:
                 mid = normalize_message_id(message_id)
             except ValueError:
                 return
-            self._enqueue(
-                [
-                    Receipt(
-                        message_id=mid,
-                        group=group or self._group,
-                        outcome=outcome,
-                        detail=detail,
-                        at=datetime.now(UTC),
-                    )
-                ]
+            receipt = Receipt(
+                message_id=mid,
+                group=group or self._group,
+                outcome=outcome,
+                detail=detail,
+                at=datetime.now(UTC),
             )
+            self._enqueue([receipt_text(receipt)])
         except Exception as e:  # telemetry must never fail the message it reports on
             self._log.warning("consumer.receipt_error", error=f"{type(e).__name__}: {e}"[:300])
 
@@ -159,15 +163,11 @@ class ReceiptPublisher:
             if self._off is not None:
                 self._drop(self._off, len(message_ids))
                 return
-            at = datetime.now(UTC)
-            group = self._group
-            self._enqueue(
-                [Receipt(message_id=m, group=group, outcome="consumed", at=at) for m in message_ids]
-            )
+            self._enqueue(consumed_receipt_texts(message_ids, self._group, datetime.now(UTC)))
         except Exception as e:  # telemetry must never fail the message it reports on
             self._log.warning("consumer.receipt_error", error=f"{type(e).__name__}: {e}"[:300])
 
-    def _enqueue(self, receipts: list[Receipt]) -> None:
+    def _enqueue(self, receipts: list[str]) -> None:
         room = self._capacity - len(self._pending)
         if room < len(receipts):
             self._drop("full", len(receipts) - max(room, 0))
@@ -214,7 +214,7 @@ class ReceiptPublisher:
                     "consumer.receipts_publish_error", error=f"{type(e).__name__}: {e}"[:300]
                 )
 
-    async def _next_batch(self) -> list[Receipt]:
+    async def _next_batch(self) -> list[str]:
         """Wait for a receipt, then for ``flush_interval`` or a full batch (not when closing)."""
         pending = self._pending
         if not pending:
@@ -246,14 +246,14 @@ class ReceiptPublisher:
             self._queued.clear()
         return batch
 
-    async def _publish(self, batch: list[Receipt]) -> None:
+    async def _publish(self, batch: list[str]) -> None:
         """Publish the batch as one message (a JSON array) and count it sent or dropped."""
         assert self._exchange is not None
         message = aio_pika.Message(
-            encode_receipts(batch),
+            join_receipt_texts(batch),
             content_type=CONTENT_TYPE,
             message_id=new_message_id(),
-            timestamp=batch[-1].at,
+            timestamp=datetime.now(UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:

@@ -47,10 +47,13 @@ __all__ = [
     "QUEUE_SUFFIX",
     "Outcome",
     "Receipt",
+    "consumed_receipt_texts",
     "decode_receipt",
     "decode_receipts",
     "encode_receipt",
     "encode_receipts",
+    "join_receipt_texts",
+    "receipt_text",
     "receipts_exchange",
     "receipts_queue",
     "record_receipts",
@@ -107,6 +110,31 @@ def encode_receipts(receipts: Sequence[Receipt]) -> bytes:
     """Return the JSON body of a batch of receipts: an array, sent as one message."""
     times: dict[datetime, str] = {}  # a settled batch's receipts share one time
     return JSON.encode([_fields(r, times) for r in receipts])
+
+
+def receipt_text(receipt: Receipt) -> str:
+    """``receipt`` as the JSON object text that ``join_receipt_texts`` puts in a batch."""
+    return encode_receipt(receipt).decode()
+
+
+def consumed_receipt_texts(message_ids: Sequence[str], group: str, at: datetime) -> list[str]:
+    """The ``consumed`` receipts of ``message_ids`` (canonical UUID text) as JSON object texts.
+
+    The same objects ``encode_receipts`` writes, formatted directly: the worker
+    sends one per message it handles, and a dict and an encoder pass per receipt
+    cost more than the rest of the receipt path together. The ids are canonical
+    UUIDs (hex digits and dashes) and the time an ISO 8601 string, so neither
+    needs escaping; the group is JSON-encoded once.
+    """
+    head = '{"message_id":"'
+    tail = f'","group":{JSON.encode(group).decode()},"outcome":"consumed","detail":null,'
+    tail += f'"at":"{at.isoformat()}"}}'
+    return [head + m + tail for m in message_ids]
+
+
+def join_receipt_texts(texts: Sequence[str]) -> bytes:
+    """The body of a batch of receipts from their JSON object texts: a JSON array."""
+    return ("[" + ",".join(texts) + "]").encode()
 
 
 def _fields(receipt: Receipt, times: dict[datetime, str] | None = None) -> dict[str, Any]:

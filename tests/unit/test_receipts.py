@@ -31,10 +31,13 @@ from outbox.memory_broker import InMemoryBroker
 from outbox.receipts import (
     MAX_DETAIL,
     Receipt,
+    consumed_receipt_texts,
     decode_receipt,
     decode_receipts,
     encode_receipt,
     encode_receipts,
+    join_receipt_texts,
+    receipt_text,
     receipts_exchange,
     receipts_queue,
     record_receipts,
@@ -55,6 +58,19 @@ def receipt(**changes: Any) -> Receipt:
     }
     fields.update(changes)
     return Receipt(**fields)
+
+
+@pytest.mark.parametrize("group", ["billing", 'odd "group" \\ name'])
+def test_consumed_receipts_formatted_directly_read_back_as_encode_receipts_writes_them(
+    group: str,
+) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    texts = consumed_receipt_texts(ids, group, AT)
+    expected = [receipt(message_id=m, group=group) for m in ids]
+    assert decode_receipts(join_receipt_texts(texts)) == expected
+    assert json.loads(join_receipt_texts(texts)) == json.loads(encode_receipts(expected))
+    dead = receipt(outcome="dead", detail="failed 5 times")
+    assert decode_receipts(join_receipt_texts([*texts, receipt_text(dead)]))[-1] == dead
 
 
 def body(**changes: Any) -> bytes:
