@@ -108,8 +108,7 @@ def encode_receipt(receipt: Receipt) -> bytes:
 
 def encode_receipts(receipts: Sequence[Receipt]) -> bytes:
     """Return the JSON body of a batch of receipts: an array, sent as one message."""
-    times: dict[datetime, str] = {}  # a settled batch's receipts share one time
-    return JSON.encode([_fields(r, times) for r in receipts])
+    return JSON.encode([_fields(r) for r in receipts])
 
 
 def receipt_text(receipt: Receipt) -> str:
@@ -137,17 +136,13 @@ def join_receipt_texts(texts: Sequence[str]) -> bytes:
     return ("[" + ",".join(texts) + "]").encode()
 
 
-def _fields(receipt: Receipt, times: dict[datetime, str] | None = None) -> dict[str, Any]:
-    if times is None:
-        at = receipt.at.isoformat()
-    else:
-        at = times.get(receipt.at) or times.setdefault(receipt.at, receipt.at.isoformat())
+def _fields(receipt: Receipt) -> dict[str, Any]:
     return {
         "message_id": receipt.message_id,
         "group": receipt.group,
         "outcome": receipt.outcome,
         "detail": receipt.detail[:MAX_DETAIL] if receipt.detail is not None else None,
-        "at": at,
+        "at": receipt.at.isoformat(),
     }
 
 
