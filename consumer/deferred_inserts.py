@@ -29,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
+
+import psycopg
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -106,16 +109,23 @@ class _Held:
         raised before PostgreSQL saw them (a value psycopg cannot adapt) does not
         abort the transaction: were a handler to catch it, the batch must fail anyway."""
 
-    def add(self, sql: str, split: tuple[str, str], params: Any) -> None:
-        self._rows.append((sql, split, params))
+    def hold(self, query: Any, params: Any, options: dict[str, Any]) -> bool:
+        """Hold back ``execute(query, params, **options)`` if it is a row INSERT; whether it was."""
+        if options or not isinstance(query, str):
+            return False
+        if params is not None and not isinstance(params, dict | list | tuple):
+            return False
+        split = row_insert(query)
+        if split is None:
+            return False
+        self._rows.append((query, split, params))
+        return True
 
     def send(self) -> None:
         """Run what is held (sync connection)."""
         statements = self._take()
         if not statements:
             return
-        import psycopg  # the caller checked the driver
-
         cursor = psycopg.Cursor(self._driver)  # the plain class: this must not hold back
         try:
             for sql, params in statements:
@@ -131,8 +141,6 @@ class _Held:
         statements = self._take()
         if not statements:
             return
-        import psycopg
-
         cursor = psycopg.AsyncCursor(self._driver)
         try:
             for sql, params in statements:
@@ -159,15 +167,6 @@ class _Held:
         return statements
 
 
-def _holds(query: Any, params: Any, options: dict[str, Any]) -> tuple[str, str] | None:
-    """How ``execute(query, params, **options)`` is held back, or None to run it now."""
-    if options or not isinstance(query, str):
-        return None
-    if params is not None and not isinstance(params, dict | list | tuple):
-        return None
-    return row_insert(query)
-
-
 def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
     """One INSERT of every row in ``params``: named parameters get a suffix per row."""
     if len(params) == 1:
@@ -183,6 +182,24 @@ def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
     return head + ", ".join([row] * len(params)), [v for p in params for v in (p or ())]
 
 
+# The connections holding back, each with what it holds; the cursor classes below find
+# their connection's here (psycopg creates a cursor with the connection and nothing else).
+_HELD: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _holding(driver: Any, cursor: type[Any], server_cursor: type[Any]) -> Iterator[_Held]:
+    """Give ``driver`` the holding cursor classes for the block; its own ones after."""
+    held = _HELD[driver] = _Held(driver)
+    previous = driver.cursor_factory, driver.server_cursor_factory
+    driver.cursor_factory, driver.server_cursor_factory = cursor, server_cursor
+    try:
+        yield held
+    finally:
+        driver.cursor_factory, driver.server_cursor_factory = previous
+        del _HELD[driver]
+
+
 @contextlib.contextmanager
 def coalesced_inserts(connection: sa.Connection) -> Iterator[None]:
     """Hold back one-row INSERTs run on ``connection`` in the block; send them coalesced.
@@ -194,57 +211,11 @@ def coalesced_inserts(connection: sa.Connection) -> Iterator[None]:
     if connection.dialect.driver != "psycopg" or driver is None:
         yield
         return
-    held = _Held(driver)
-    previous = driver.cursor_factory, driver.server_cursor_factory
-    driver.cursor_factory, driver.server_cursor_factory = _cursor_classes(held)
-    try:
+    with _holding(driver, _HoldingCursor, _SendingServerCursor) as held:
         yield
         held.send()
         if held.failure is not None:
             raise held.failure
-    finally:
-        driver.cursor_factory, driver.server_cursor_factory = previous
-
-
-def _cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
-    """Cursor classes that hold back row INSERTs and send the held ones before anything else."""
-    import psycopg
-
-    class HoldingCursor(psycopg.Cursor[Any]):
-        _held_back = False
-
-        def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
-            split = _holds(query, params, options)
-            self._held_back = split is not None
-            if split is not None:
-                held.add(query, split, params)
-                return self
-            held.send()
-            return super().execute(query, params, **options)
-
-        def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
-            self._held_back = False
-            held.send()
-            super().executemany(query, params_seq, **options)
-
-        def copy(self, *args: Any, **kwargs: Any) -> Any:
-            held.send()
-            return super().copy(*args, **kwargs)
-
-        def stream(self, *args: Any, **kwargs: Any) -> Any:
-            held.send()
-            return super().stream(*args, **kwargs)
-
-        @property
-        def rowcount(self) -> int:
-            return 1 if self._held_back else super().rowcount
-
-    class SendingServerCursor(psycopg.ServerCursor[Any]):
-        def execute(self, *args: Any, **kwargs: Any) -> Any:
-            held.send()
-            return super().execute(*args, **kwargs)
-
-    return HoldingCursor, SendingServerCursor
 
 
 @contextlib.asynccontextmanager
@@ -254,57 +225,89 @@ async def coalesced_inserts_async(connection: AsyncConnection) -> AsyncIterator[
     if connection.dialect.driver != "psycopg" or driver is None:
         yield
         return
-    held = _Held(driver)
-    previous = driver.cursor_factory, driver.server_cursor_factory
-    driver.cursor_factory, driver.server_cursor_factory = _async_cursor_classes(held)
-    try:
+    with _holding(driver, _HoldingAsyncCursor, _SendingAsyncServerCursor) as held:
         yield
         await held.asend()
         if held.failure is not None:
             raise held.failure
-    finally:
-        driver.cursor_factory, driver.server_cursor_factory = previous
 
 
-def _async_cursor_classes(held: _Held) -> tuple[type[Any], type[Any]]:
-    """``_cursor_classes`` for psycopg's ``AsyncConnection``."""
-    import psycopg
+class _HoldingCursor(psycopg.Cursor[Any]):
+    """Holds back row INSERTs; sends the held ones before anything else it runs."""
 
-    class HoldingAsyncCursor(psycopg.AsyncCursor[Any]):
-        _held_back = False
+    _held_back = False
 
-        async def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
-            split = _holds(query, params, options)
-            self._held_back = split is not None
-            if split is not None:
-                held.add(query, split, params)
-                return self
-            await held.asend()
-            return await super().execute(query, params, **options)
+    def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+        held = _HELD[self.connection]
+        self._held_back = held.hold(query, params, options)
+        if self._held_back:
+            return self
+        held.send()
+        return super().execute(query, params, **options)
 
-        async def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
-            self._held_back = False
-            await held.asend()
-            await super().executemany(query, params_seq, **options)
+    def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+        self._held_back = False
+        _HELD[self.connection].send()
+        super().executemany(query, params_seq, **options)
 
-        @contextlib.asynccontextmanager
-        async def copy(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            await held.asend()
-            async with super().copy(*args, **kwargs) as copy:
-                yield copy
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        _HELD[self.connection].send()
+        return super().copy(*args, **kwargs)
 
-        async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            await held.asend()
-            async for row in super().stream(*args, **kwargs):
-                yield row
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        _HELD[self.connection].send()
+        return super().stream(*args, **kwargs)
 
-        @property
-        def rowcount(self) -> int:
-            return 1 if self._held_back else super().rowcount
+    @property
+    def rowcount(self) -> int:
+        return 1 if self._held_back else super().rowcount
 
-    class SendingAsyncServerCursor(psycopg.AsyncServerCursor[Any]):
-        async def execute(self, *args: Any, **kwargs: Any) -> Any:
-            await held.asend()
-            return await super().execute(*args, **kwargs)
 
-    return HoldingAsyncCursor, SendingAsyncServerCursor
+class _SendingServerCursor(psycopg.ServerCursor[Any]):
+    """A server-side cursor that sends the held INSERTs before its query."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        _HELD[self.connection].send()
+        return super().execute(*args, **kwargs)
+
+
+class _HoldingAsyncCursor(psycopg.AsyncCursor[Any]):
+    """``_HoldingCursor`` for psycopg's ``AsyncConnection``."""
+
+    _held_back = False
+
+    async def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+        held = _HELD[self.connection]
+        self._held_back = held.hold(query, params, options)
+        if self._held_back:
+            return self
+        await held.asend()
+        return await super().execute(query, params, **options)
+
+    async def executemany(self, query: Any, params_seq: Any, **options: Any) -> None:
+        self._held_back = False
+        await _HELD[self.connection].asend()
+        await super().executemany(query, params_seq, **options)
+
+    @contextlib.asynccontextmanager
+    async def copy(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        await _HELD[self.connection].asend()
+        async with super().copy(*args, **kwargs) as copy:
+            yield copy
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        await _HELD[self.connection].asend()
+        async for row in super().stream(*args, **kwargs):
+            yield row
+
+    @property
+    def rowcount(self) -> int:
+        return 1 if self._held_back else super().rowcount
+
+
+class _SendingAsyncServerCursor(psycopg.AsyncServerCursor[Any]):
+    """``_SendingServerCursor`` for psycopg's ``AsyncConnection``."""
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        await _HELD[self.connection].asend()
+        return await super().execute(*args, **kwargs)
