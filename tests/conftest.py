@@ -179,6 +179,15 @@ def engine(request: pytest.FixtureRequest) -> sa.Engine:
 
 
 @pytest.fixture
+async def memory() -> AsyncIterator[InMemoryBroker]:
+    """A connected in-memory broker with nothing declared (a consumer declares its queues)."""
+    broker = InMemoryBroker()
+    await broker.connect()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
 async def broker() -> AsyncIterator[InMemoryBroker]:
     """A connected in-memory broker with one queue that takes every topic."""
     b = InMemoryBroker()

@@ -9,7 +9,6 @@ the consumer on the in-memory broker against a real PostgreSQL schema.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -34,14 +33,6 @@ effects = sa.Table(
 )
 
 BROKEN = sa.text("SELECT 1 / 0")
-
-
-@pytest.fixture
-async def memory() -> AsyncIterator[InMemoryBroker]:
-    broker = InMemoryBroker()
-    await broker.connect()
-    yield broker
-    await broker.close()
 
 
 @pytest.fixture

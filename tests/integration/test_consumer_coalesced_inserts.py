@@ -7,7 +7,6 @@ The consumer runs on the in-memory broker against a real PostgreSQL schema. A
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -46,14 +45,6 @@ COUNT_STATEMENTS = [
     "CREATE TRIGGER co_orders_statements AFTER INSERT ON co_orders "
     "FOR EACH STATEMENT EXECUTE FUNCTION co_count()",
 ]
-
-
-@pytest.fixture
-async def memory() -> AsyncIterator[InMemoryBroker]:
-    broker = InMemoryBroker()
-    await broker.connect()
-    yield broker
-    await broker.close()
 
 
 @pytest.fixture

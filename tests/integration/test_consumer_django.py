@@ -26,15 +26,20 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
         await asyncio.sleep(0.02)
 
 
+def world_in(django_db: str, pg_url: str, amqp_url: str, unique_name: str) -> World:
+    """A consumer ``World`` on the Django test database's schema."""
+    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={django_db}"})
+    schema_url = url.render_as_string(hide_password=False)
+    return World(sa.create_engine(schema_url), schema_url, amqp_url, unique_name)
+
+
 async def test_django_handler_has_one_effect_and_rolls_back_on_failure(
     django_db: str, pg_url: str, amqp_url: str, unique_name: str
 ) -> None:
     from django.db import connection
 
-    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={django_db}"})
-    schema_url = url.render_as_string(hide_password=False)
-    engine = sa.create_engine(schema_url)
-    world = World(engine, schema_url, amqp_url, unique_name)
+    world = world_in(django_db, pg_url, amqp_url, unique_name)
+    engine = world.engine
     consumer: Consumer = world.consumer("django_group")
     ids = itertools.count(1_000_000)
     failures: list[str] = []
@@ -79,10 +84,8 @@ async def test_django_handler_that_swallows_a_database_error_is_failed_not_acked
 ) -> None:
     from django.db import DatabaseError, connection
 
-    url = sa.make_url(pg_url).update_query_dict({"options": f"-csearch_path={django_db}"})
-    schema_url = url.render_as_string(hide_password=False)
-    engine = sa.create_engine(schema_url)
-    world = World(engine, schema_url, amqp_url, unique_name)
+    world = world_in(django_db, pg_url, amqp_url, unique_name)
+    engine = world.engine
     consumer: Consumer = world.consumer("django_guarded")
 
     @consumer.handler("orders.*", django=True, max_attempts=1)

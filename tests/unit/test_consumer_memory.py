@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,14 +24,6 @@ effects = sa.Table(
     sa.Column("message_id", sa.String(36)),
     sa.Column("value", sa.String(100)),
 )
-
-
-@pytest.fixture
-async def memory() -> AsyncIterator[InMemoryBroker]:
-    broker = InMemoryBroker()
-    await broker.connect()
-    yield broker
-    await broker.close()
 
 
 @pytest.fixture
