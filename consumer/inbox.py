@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from outbox.engines import plain_postgres
 from outbox.tables import inbox_table
 
 if TYPE_CHECKING:
@@ -54,8 +55,7 @@ def inbox_insert_batch(
     twice in ``messages``: only one copy is new).
     """
     now = datetime.now(UTC)
-    dialect = conn.dialect
-    if dialect.name == "postgresql" and dialect.paramstyle == "pyformat":
+    if plain_postgres(conn):
         params = {
             "group": group,
             "at": now,
@@ -67,7 +67,8 @@ def inbox_insert_batch(
         {"consumer_group": group, "message_id": uuid.UUID(mid), "topic": topic, "processed_at": now}
         for mid, topic in messages
     ]
-    return {str(mid) for mid in conn.execute(_insert(dialect.name, many=True), rows).scalars()}
+    insert = _insert(conn.dialect.name, many=True)
+    return {str(mid) for mid in conn.execute(insert, rows).scalars()}
 
 
 def _insert(dialect: str, *, many: bool) -> Any:

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from outbox.errors import ConfigurationError
 from outbox.logs import redact_url
 
-__all__ = ["database_url", "make_async_engine", "make_engine"]
+__all__ = ["database_url", "make_async_engine", "make_engine", "plain_postgres"]
 
 # Dialects that need no driver name: the framework ships psycopg 3 for PostgreSQL.
 _SYNC_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
@@ -58,3 +58,19 @@ def make_async_engine(url: str | sa.URL, **kwargs: object) -> AsyncEngine:
             f"no async driver for {redact_url(parsed)}: {e}; install it (for SQLite: "
             "pip install aiosqlite) or name one that is"
         ) from e
+
+
+def plain_postgres(conn: sa.Connection) -> bool:
+    """Whether ``conn`` takes a fixed PostgreSQL text through ``exec_driver_sql``.
+
+    That is PostgreSQL with named driver parameters (psycopg's ``%(name)s``), and
+    no ``schema_translate_map`` that the text, naming its tables as they are,
+    would ignore. The framework's hot statements (the producer's outbox row, a
+    consumer batch's inbox rows) take that path; anything else gets SQLAlchemy Core.
+    """
+    dialect = conn.dialect
+    return (
+        dialect.name == "postgresql"
+        and dialect.paramstyle == "pyformat"
+        and "schema_translate_map" not in conn.get_execution_options()
+    )

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from outbox.codec import JSON, Codec
+from outbox.engines import plain_postgres
 from outbox.errors import (
     ConfigurationError,
     DatabaseError,
@@ -146,7 +147,7 @@ class Producer:
             )
         _require_transaction(conn)
         try:
-            if _plain_postgres(conn):
+            if plain_postgres(conn):
                 conn.exec_driver_sql(_PG_INSERT, _pg_params(row))
             else:
                 conn.execute(self._statement(conn.dialect.name), row)
@@ -166,7 +167,7 @@ class Producer:
         assert conn.sync_connection is not None  # connection() above has started it
         _require_transaction(conn.sync_connection)
         try:
-            if _plain_postgres(conn.sync_connection):
+            if plain_postgres(conn.sync_connection):
                 await conn.exec_driver_sql(_PG_INSERT, _pg_params(row))
             else:
                 await conn.execute(self._statement(conn.dialect.name), row)
@@ -266,16 +267,6 @@ _PG_INSERT = (
     + ", ".join(f"%({c})s::jsonb" if c == "headers" else f"%({c})s" for c in _COLUMNS)
     + ", now())"
 )
-
-
-def _plain_postgres(conn: Connection) -> bool:
-    """PostgreSQL with named driver parameters, and no schema_translate_map to honour."""
-    dialect = conn.dialect
-    return (
-        dialect.name == "postgresql"
-        and dialect.paramstyle == "pyformat"
-        and "schema_translate_map" not in conn.get_execution_options()
-    )
 
 
 def _pg_params(row: dict[str, Any]) -> dict[str, Any]:
