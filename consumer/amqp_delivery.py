@@ -6,7 +6,8 @@ than through ``Queue.consume``: aio-pika wraps every delivery in an
 frames themselves. ``QueueConsumer`` follows the robust channel across
 reconnects (it consumes again on every reopened channel) and across a consumer
 the broker cancels (the queue was deleted: it declares the group's queues and
-bindings again, then consumes).
+bindings again, then consumes). ``read_inline`` hands each delivery to the
+consumer where the channel has read it, instead of in a task of aiormq's.
 
 Acks go through an ``AckWindow``: when the oldest unsettled deliveries of a
 channel are all done, one ``basic.ack multiple=true`` settles them, instead of a
@@ -233,6 +234,7 @@ def read_inline(channel: aiormq.abc.AbstractChannel) -> bool:
     if read_header is None or read_content is None or delivered is None or consumers is None:
         return False
     running: set[asyncio.Future[None]] = set()
+    finished = _finished(running)
 
     async def on_deliver_frame(frame: Any) -> None:
         take = getattr(consumers.get(frame.consumer_tag), "take", None)
@@ -248,7 +250,7 @@ def read_inline(channel: aiormq.abc.AbstractChannel) -> bool:
         if pending is not None:
             task = asyncio.ensure_future(pending)
             running.add(task)
-            task.add_done_callback(_finished(running))
+            task.add_done_callback(finished)
 
     channel._on_deliver_frame = on_deliver_frame  # type: ignore[attr-defined]
     channel._outbox_inline = True  # type: ignore[attr-defined]
