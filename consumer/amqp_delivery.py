@@ -7,7 +7,8 @@ frames themselves. ``QueueConsumer`` follows the robust channel across
 reconnects (it consumes again on every reopened channel) and across a consumer
 the broker cancels (the queue was deleted: it declares the group's queues and
 bindings again, then consumes). ``read_inline`` hands each delivery to the
-consumer where the channel has read it, instead of in a task of aiormq's.
+consumer where the channel has read it, instead of in a task of aiormq's, and
+the connection decodes frames with ``consumer.amqp_frames``.
 
 Acks go through an ``AckWindow``: when the oldest unsettled deliveries of a
 channel are all done, one ``basic.ack multiple=true`` settles them, instead of a
@@ -21,6 +22,7 @@ import contextlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from consumer.amqp_frames import read_frames_fast
 from outbox.logs import get_logger
 
 if TYPE_CHECKING:
@@ -328,6 +330,7 @@ class QueueConsumer:
 
         deliver.take = take  # type: ignore[attr-defined]  # read_inline's marker
         read_inline(underlay)
+        read_frames_fast(underlay.connection)
         underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         self._underlay = underlay
         ok = await underlay.basic_consume(self._queue, deliver)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import pytest
 from waiting import wait_for
 
 from consumer.amqp_delivery import QueueConsumer, read_inline
+from consumer.amqp_frames import _frame_receiver, read_frames_fast
 from consumer.transport import Received
 
 pytestmark = pytest.mark.integration
@@ -67,6 +71,87 @@ async def test_deliveries_are_taken_inline_in_order_and_a_failing_callback_stops
         declared = await publisher.declare_queue(unique_name, passive=True)
         # Nothing is left ready: every message was taken (3 is still unacked: its callback failed).
         assert declared.declaration_result.message_count == 0
+    finally:
+        cleanup = await connection.channel()
+        await cleanup.queue_delete(unique_name)
+        await connection.close()
+
+
+async def test_the_consumers_connection_decodes_frames_fast_also_after_a_reconnect(
+    amqp_url: str, unique_name: str
+) -> None:
+    connection = await aio_pika.connect_robust(amqp_url, reconnect_interval=0.2)
+    received: list[Received] = []
+    properties: dict[str, Any] = {
+        "headers": {"x-key": "k", "n": 7, "nested": {"list": [1, "two", True]}},
+        "content_type": "application/json",
+        "content_encoding": "identity",
+        "delivery_mode": aio_pika.DeliveryMode.PERSISTENT,
+        "priority": 3,
+        "correlation_id": "c-1",
+        "reply_to": "nowhere",
+        "expiration": 60,
+        "message_id": "m-1",
+        "timestamp": datetime(2026, 11, 21, 12, 30, tzinfo=UTC),
+        "type": "orders.created",
+        "app_id": "shop ✓",
+    }
+    # Larger than the negotiated frame_max (128 KiB): it comes in several body frames.
+    big = bytes(range(256)) * 1200
+
+    def take(delivery: Received) -> Awaitable[None] | None:
+        received.append(delivery)
+        return delivery.ack()
+
+    async def declare() -> None:
+        return None
+
+    def receiver_of(underlay: Any) -> Any:
+        return _frame_receiver(underlay.connection)
+
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(unique_name)
+        consumer = QueueConsumer(channel, unique_name, take, declare)  # type: ignore[arg-type]
+        await consumer.start()
+        underlay = await channel.get_underlay_channel()
+        first = receiver_of(underlay)
+        assert first is not None
+        assert first._outbox_fast
+        assert read_frames_fast(underlay.connection)  # idempotent
+
+        publisher = await connection.channel()
+        await publisher.default_exchange.publish(
+            aio_pika.Message(b'{"n": 1}', **properties), routing_key=unique_name
+        )
+        await publisher.default_exchange.publish(aio_pika.Message(big), routing_key=unique_name)
+        await wait_for(lambda: len(received) == 2)
+        one, two = received
+        assert one.body == b'{"n": 1}'
+        assert two.body == big
+        assert one.message_id == "m-1"
+        assert one.content_type == "application/json"
+        assert one.timestamp == properties["timestamp"]
+        assert one.routing_key == unique_name
+        assert one.headers == properties["headers"]
+
+        # The socket drops: the robust connection reconnects, the consumer consumes again,
+        # and the new connection's reader is the fast one too.
+        first.reader._transport.abort()
+        for _ in range(150):
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(Exception):
+                underlay = await channel.get_underlay_channel()
+                if receiver_of(underlay) not in (None, first) and consumer._underlay is underlay:
+                    break
+        assert receiver_of(underlay)._outbox_fast
+        publisher = await connection.channel()
+        await publisher.default_exchange.publish(
+            aio_pika.Message(b"after", message_id="m-2"), routing_key=unique_name
+        )
+        await wait_for(lambda: any(r.body == b"after" for r in received), 15)
+        await consumer.cancel()
+        await consumer.drain()
     finally:
         cleanup = await connection.channel()
         await cleanup.queue_delete(unique_name)

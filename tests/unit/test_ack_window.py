@@ -132,6 +132,7 @@ class FakeUnderlay(RecordingChannel):
         super().__init__()
         self.consumers: dict[str, Any] = {}
         self.on_consumer_cancel_callbacks: set[Any] = set()
+        self.connection = None  # no aiormq connection: frames are read as aiormq reads them
         self.next_tag = 0
 
     async def basic_consume(self, queue: str, callback: Any) -> Any:
