@@ -48,7 +48,7 @@ MAX_PARAMETERS = 30_000
 _INSERT_INTO = re.compile(r"\s*INSERT\s+INTO\s", re.IGNORECASE)
 _VALUES = re.compile(r"\bVALUES\s*\(", re.IGNORECASE)
 _SELECT = re.compile(r"\bSELECT\b", re.IGNORECASE)
-_NAMED = re.compile(r"%\((\w+)\)([sbt])")
+_PLACEHOLDER = re.compile(r"%(?:\((\w+)\))?s")  # %s or %(name)s
 
 
 @functools.lru_cache(maxsize=1024)
@@ -56,11 +56,11 @@ def row_insert(sql: str) -> tuple[str, str] | None:
     """Split ``INSERT INTO ... VALUES (row)`` into its head and its row; None for anything else.
 
     Only a statement that ends with its one row qualifies (no parameters before
-    the row, no subquery in it): it returns no rows and inserts exactly one, or
-    fails. What this cannot be sure of is None, which only means the statement
-    runs as usual.
+    the row, no subquery in it, only ``%s`` or only ``%(name)s`` placeholders): it
+    returns no rows and inserts exactly one, or fails. What this cannot be sure of
+    is None, which only means the statement runs as usual.
     """
-    if "%%" in sql or not _INSERT_INTO.match(sql):
+    if "%%" in sql or "$" in sql or not _INSERT_INTO.match(sql):
         return None
     values = _VALUES.search(sql)
     if values is None:
@@ -71,9 +71,11 @@ def row_insert(sql: str) -> tuple[str, str] | None:
         return None
     row = sql[start : end + 1]
     # A subquery would see the table as it was before the multi-row statement, not
-    # with the rows held back before it: such a row runs alone. So does a named
-    # parameter that _statement could not give a suffix per row.
-    if _SELECT.search(row) or row.count("%(") != len(_NAMED.findall(row)):
+    # with the rows held back before it: such a row runs alone. So does a row whose
+    # placeholders the multi-row statement could not number (%b, %t, a stray %, or
+    # named and positional ones mixed, which psycopg refuses anyway).
+    names = _PLACEHOLDER.findall(row)
+    if _SELECT.search(row) or row.count("%") != len(names) or len(set(map(bool, names))) > 1:
         return None
     return sql[:start], row
 
@@ -118,7 +120,17 @@ class _Held:
         split = row_insert(query)
         if split is None:
             return False
-        self._rows.append((query, split, params))
+        # Parameters of the wrong kind run as usual, and meet psycopg's error there.
+        parameters = _row_parts(split[1])[2]
+        if isinstance(parameters, tuple):
+            if not isinstance(params, dict):
+                return False
+        elif parameters:
+            if not isinstance(params, list | tuple):
+                return False
+        elif params:
+            return False
+        self._rows.append((query, split, () if params is None else params))
         return True
 
     def send(self) -> None:
@@ -126,7 +138,7 @@ class _Held:
         statements = self._take()
         if not statements:
             return
-        cursor = psycopg.Cursor(self._driver)  # the plain class: this must not hold back
+        cursor = psycopg.RawCursor(self._driver)  # not a holding class: this must send
         try:
             for sql, params in statements:
                 cursor.execute(sql, params)
@@ -141,7 +153,7 @@ class _Held:
         statements = self._take()
         if not statements:
             return
-        cursor = psycopg.AsyncCursor(self._driver)
+        cursor = psycopg.AsyncRawCursor(self._driver)
         try:
             for sql, params in statements:
                 await cursor.execute(sql, params)
@@ -158,8 +170,8 @@ class _Held:
         start = 0
         while start < len(rows):
             end = start + 1
-            sql, (head, row), first = rows[start]
-            limit = max(1, MAX_PARAMETERS // max(1, len(first or ())))
+            sql, (head, row), _ = rows[start]
+            limit = max(1, MAX_PARAMETERS // max(1, _width(row)))
             while end < len(rows) and rows[end][0] == sql and end - start < limit:
                 end += 1
             statements.append(_statement(head, row, [p for _, _, p in rows[start:end]]))
@@ -167,19 +179,70 @@ class _Held:
         return statements
 
 
-def _statement(head: str, row: str, params: list[Any]) -> tuple[str, Any]:
-    """One INSERT of every row in ``params``: named parameters get a suffix per row."""
-    if len(params) == 1:
-        return head + row, params[0]
-    if all(isinstance(p, dict) for p in params):
-        rows: list[str] = []
-        merged: dict[str, Any] = {}
-        for n, p in enumerate(params):
-            suffix = f"__{n}"
-            rows.append(_NAMED.sub(rf"%(\1{suffix})\2", row))
-            merged.update({name + suffix: value for name, value in p.items()})
-        return head + ", ".join(rows), merged
-    return head + ", ".join([row] * len(params)), [v for p in params for v in (p or ())]
+@functools.lru_cache(maxsize=1024)
+def _row_parts(row: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...] | int]:
+    """``row`` cut at its placeholders, the parameter each one takes, and the parameters.
+
+    The parameters are the names in order of first use (``%(name)s``; a name used
+    twice is one parameter, as psycopg has it) or the number of ``%s``.
+    """
+    texts: list[str] = []
+    slots: list[int] = []
+    names: dict[str, int] = {}
+    last = 0
+    for match in _PLACEHOLDER.finditer(row):
+        texts.append(row[last : match.start()])
+        name = match.group(1)
+        slots.append(names.setdefault(name, len(names)) if name else len(slots))
+        last = match.end()
+    texts.append(row[last:])
+    return tuple(texts), tuple(slots), tuple(names) if names else len(slots)
+
+
+def _width(row: str) -> int:
+    """The number of parameters ``row`` takes."""
+    parameters = _row_parts(row)[2]
+    return parameters if isinstance(parameters, int) else len(parameters)
+
+
+@functools.lru_cache(maxsize=256)
+def _native_sql(head: str, row: str, rows: int) -> str:
+    """``head`` and ``rows`` copies of ``row``, its placeholders numbered $1, $2, ... on."""
+    texts, slots, _ = _row_parts(row)
+    width = _width(row)
+    out = [head]
+    for n in range(rows):
+        if n:
+            out.append(", ")
+        base = n * width + 1
+        for text, slot in zip(texts, slots, strict=False):
+            out += (text, "$", str(base + slot))
+        out.append(texts[-1])
+    return "".join(out)
+
+
+def _statement(head: str, row: str, params: list[Any]) -> tuple[str, list[Any]]:
+    """One INSERT of every row in ``params``, in PostgreSQL's own placeholders ($n).
+
+    Sent through psycopg's ``RawCursor``: the text is made once per number of rows,
+    where psycopg would parse every multi-row text again (it caches only short ones).
+    """
+    parameters = _row_parts(row)[2]
+    values: list[Any] = []
+    if isinstance(parameters, int):
+        for p in params:
+            if len(p) != parameters:
+                raise psycopg.ProgrammingError(
+                    f"the query has {parameters} placeholders but {len(p)} parameters were passed"
+                )
+            values += p
+    else:
+        for p in params:
+            try:
+                values += [p[name] for name in parameters]
+            except KeyError as e:
+                raise psycopg.ProgrammingError(f"query parameter missing: {e.args[0]}") from None
+    return _native_sql(head, row, len(params)), values
 
 
 # The connections holding back, each with what it holds; the cursor classes below find

@@ -109,6 +109,52 @@ async def test_a_batch_of_one_row_inserts_commits_every_row_in_fewer_statements(
         assert inserts == len(sent)
 
 
+async def test_named_repeated_and_positional_parameters_keep_their_values_when_coalesced(
+    memory: InMemoryBroker, db: sa.Engine
+) -> None:
+    consumer = consumer_on(memory, db)
+    repeated = sa.text(
+        "INSERT INTO co_orders (message_id, payload) "
+        "VALUES (right(:id, 30) || '-r', :p || '/' || :id)"
+    )
+
+    @consumer.handler("orders.*")
+    def handle(message: IncomingMessage, session: Any) -> None:
+        # Runs of ten messages run the same INSERT: each run can go out as one statement.
+        kind = message.payload[0]
+        if kind == "a":
+            add_order(message, session)
+        elif kind == "r":
+            session.execute(repeated, {"id": message.message_id, "p": message.payload})
+        else:
+            cursor = session.connection().connection.driver_connection.cursor()
+            cursor.execute(
+                "INSERT INTO co_orders (message_id, payload) VALUES (%s, upper(%s))",
+                (message.message_id[-30:] + "-p", message.payload),
+            )
+
+    sent = [make_envelope("orders.created", f"{k}{i:02d}") for k in "arp" for i in range(10)]
+    await consumer.start()
+    try:
+        await memory.publish(sent)
+        await wait_for(lambda: count(db, inbox_table) == len(sent))
+    finally:
+        await consumer.stop()
+    with db.connect() as conn:
+        rows = dict(conn.execute(sa.select(orders.c.message_id, orders.c.payload)).all())
+    expected: dict[str, str] = {}
+    for e in sent:
+        mid, p = str(e.message_id), str(e.payload())
+        expected[mid if p[0] == "a" else f"{mid[-30:]}-{p[0]}"] = {
+            "a": p,
+            "r": f"{p}/{mid}",
+            "p": p.upper(),
+        }[p[0]]
+    assert rows == expected
+    assert count(db, statements) < len(sent) / 3
+    assert consumer.metrics.batch_fallbacks._value.get() == 0
+
+
 async def test_a_query_sees_the_rows_written_before_it_and_order_is_kept(
     memory: InMemoryBroker, db: sa.Engine
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from consumer.deferred_inserts import _statement, row_insert
@@ -42,27 +43,42 @@ def test_a_one_row_insert_that_ends_with_its_row_is_held_back(sql: str) -> None:
         "SELECT 1",
         "INSERT INTO t (a) VALUES ('100%%')",  # an escaped percent: left alone
         "INSERT INTO t (a) VALUES ('unterminated)",
-        "INSERT INTO t (a) VALUES (%(odd-name)s)",  # a name that could not get a suffix
+        "INSERT INTO t (a) VALUES (%(odd-name)s)",  # not a placeholder psycopg reads
+        "INSERT INTO t (a, b) VALUES (%(a)s, %s)",  # named and positional: psycopg refuses
+        "INSERT INTO t (a) VALUES (%b)",  # a binary placeholder: the rows could not keep it
+        "INSERT INTO t (a) VALUES ('50%')",  # a stray percent sign
+        "INSERT INTO t (a) VALUES ($1)",  # PostgreSQL's own placeholders already
+        "INSERT INTO t (a) VALUES ($$text$$)",
     ],
 )
 def test_anything_else_runs_as_usual(sql: str) -> None:
     assert row_insert(sql) is None
 
 
-def test_named_parameters_get_a_suffix_per_row() -> None:
-    sql, params = _statement(
-        HEAD, "(%(id)s, %(amount)s::INTEGER)", [{"id": "a", "amount": 1}, {"id": "b", "amount": 2}]
+def test_named_parameters_are_numbered_per_row_and_a_repeated_name_is_one_parameter() -> None:
+    sql, values = _statement(
+        HEAD,
+        "(%(id)s, %(amount)s::INTEGER, %(id)s)",
+        [{"id": "a", "amount": 1, "unused": 0}, {"id": "b", "amount": 2}],
     )
-    assert sql == HEAD + "(%(id__0)s, %(amount__0)s::INTEGER), (%(id__1)s, %(amount__1)s::INTEGER)"
-    assert params == {"id__0": "a", "amount__0": 1, "id__1": "b", "amount__1": 2}
+    assert sql == HEAD + "($1, $2::INTEGER, $1), ($3, $4::INTEGER, $3)"
+    assert values == ["a", 1, "b", 2]
 
 
 def test_positional_parameters_are_laid_end_to_end() -> None:
-    assert _statement(HEAD, "(%s, %s)", [("a", 1), ("b", 2)]) == (
-        HEAD + "(%s, %s), (%s, %s)",
+    assert _statement(HEAD, "(%s, now(), %s)", [("a", 1), ["b", 2]]) == (
+        HEAD + "($1, now(), $2), ($3, now(), $4)",
         ["a", 1, "b", 2],
     )
 
 
-def test_a_single_row_is_sent_as_it_was() -> None:
-    assert _statement(HEAD, "(%(id)s)", [{"id": "a"}]) == (HEAD + "(%(id)s)", {"id": "a"})
+def test_a_single_row_and_a_row_without_parameters() -> None:
+    assert _statement(HEAD, "(%(id)s)", [{"id": "a"}]) == (HEAD + "($1)", ["a"])
+    assert _statement(HEAD, "(1, 'x')", [(), ()]) == (HEAD + "(1, 'x'), (1, 'x')", [])
+
+
+def test_parameters_that_do_not_fit_the_row_raise_psycopgs_error() -> None:
+    with pytest.raises(psycopg.ProgrammingError, match="parameter missing: amount"):
+        _statement(HEAD, "(%(id)s, %(amount)s)", [{"id": "a", "amount": 1}, {"id": "b"}])
+    with pytest.raises(psycopg.ProgrammingError, match="2 placeholders but 1 parameters"):
+        _statement(HEAD, "(%s, %s)", [("a", 1), ("b",)])
