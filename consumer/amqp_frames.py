@@ -22,7 +22,7 @@ import pamqp.frame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
 from pamqp import commands
 from pamqp.body import ContentBody
-from pamqp.decode import field_table
+from pamqp.decode import embedded_value
 from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
 
@@ -36,6 +36,8 @@ __all__ = ["read_frames_fast", "unmarshal"]
 _FRAME_HEADER = struct.Struct(">BHI")  # type, channel, payload size
 _CONTENT_HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_LONG_STRING = ord("S")
 _FRAME_METHOD, _FRAME_HEADER_TYPE, _FRAME_BODY = 1, 2, 3
 _FRAME_END = 0xCE
 _DELIVER = commands.Basic.Deliver.index.to_bytes(4, "big")
@@ -78,6 +80,32 @@ def _short_str(data: bytes, pos: int) -> tuple[int, str]:
     return end, data[pos + 1 : end].decode()
 
 
+def _field_table(frame: bytes, pos: int) -> tuple[int, dict[str, Any]]:
+    """The table at ``pos``: long strings read here, any other value by pamqp."""
+    (length,) = _U32.unpack_from(frame, pos)
+    pos += 4
+    end = pos + length
+    if end > len(frame) - 1:
+        raise ValueError("field table runs past the end of the frame")
+    table: dict[str, Any] = {}
+    while pos < end:
+        pos, key = _short_str(frame, pos)
+        if frame[pos] == _LONG_STRING:
+            (size,) = _U32.unpack_from(frame, pos + 1)
+            start, pos = pos + 5, pos + 5 + size
+            raw = frame[start:pos]
+            try:
+                table[key] = raw.decode()
+            except UnicodeDecodeError:  # as pamqp: bytes that are not UTF-8 stay bytes
+                table[key] = raw
+        else:
+            used, table[key] = embedded_value(frame[pos:end])
+            pos += used
+    if pos != end:
+        raise ValueError("field table entries run past the table's end")
+    return end, table
+
+
 def _deliver(frame: bytes, pos: int) -> commands.Basic.Deliver:
     pos, consumer_tag = _short_str(frame, pos)
     (delivery_tag,) = _U64.unpack_from(frame, pos)
@@ -109,8 +137,7 @@ def _content_header(frame: bytes) -> ContentHeader | None:
     if flags & _CONTENT_ENCODING:
         pos, p.content_encoding = _short_str(frame, pos)
     if flags & _HEADERS:
-        used, p.headers = field_table(frame[pos:-1])
-        pos += used
+        pos, p.headers = _field_table(frame, pos)
     if flags & _DELIVERY_MODE:
         p.delivery_mode = frame[pos]
         pos += 1

@@ -198,3 +198,20 @@ def test_read_frames_fast_leaves_an_unknown_connection_alone() -> None:
         _reader_task = None
 
     assert read_frames_fast(Elsewhere()) is False  # type: ignore[arg-type]
+
+
+def test_a_header_string_that_is_not_utf8_stays_bytes_as_with_pamqp() -> None:
+    properties = commands.Basic.Properties(headers={"k": "ab", "n": 1, "s": "ok"})
+    frame = pamqp.frame.marshal(ContentHeader(body_size=1, properties=properties), 1)
+    frame = frame.replace(b"S\x00\x00\x00\x02ab", b"S\x00\x00\x00\x02\xff\xfe", 1)
+    got = assert_same(frame)
+    assert got.properties.headers == {"k": b"\xff\xfe", "n": 1, "s": "ok"}
+
+
+def test_a_header_table_longer_than_its_frame_raises() -> None:
+    properties = commands.Basic.Properties(headers={"k": "v"})
+    frame = bytearray(pamqp.frame.marshal(ContentHeader(body_size=1, properties=properties), 1))
+    table = frame.index(b"\x01k") - 4  # the table's length precedes its first key
+    frame[table : table + 4] = (1000).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="past the end"):
+        unmarshal(bytes(frame))
