@@ -54,13 +54,15 @@ def inbox_insert_batch(
     Returns the ids whose row is new: the others were handled before (or appear
     twice in ``messages``: only one copy is new).
     """
+    if not messages:
+        return set()
     now = datetime.now(UTC)
     if plain_postgres(conn):
         params = {
             "group": group,
             "at": now,
-            "ids": [mid for mid, _ in messages],
-            "topics": [topic for _, topic in messages],
+            "ids": _array_literal([mid for mid, _ in messages]),
+            "topics": _array_literal([topic for _, topic in messages]),
         }
         return set(conn.exec_driver_sql(_PG_BATCH, params).scalars())
     rows = [
@@ -69,6 +71,18 @@ def inbox_insert_batch(
     ]
     insert = _insert(conn.dialect.name, many=True)
     return {str(mid) for mid in conn.execute(insert, rows).scalars()}
+
+
+def _array_literal(values: list[str]) -> str:
+    """``values`` as one PostgreSQL array literal (``{"a","b"}``), every element quoted.
+
+    One text parameter that PostgreSQL casts, where psycopg would adapt a list element
+    by element in Python.
+    """
+    if not values:
+        return "{}"
+    escaped = [v.replace("\\", "\\\\").replace('"', '\\"') for v in values]
+    return '{"' + '","'.join(escaped) + '"}'
 
 
 def _insert(dialect: str, *, many: bool) -> Any:

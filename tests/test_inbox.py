@@ -33,3 +33,17 @@ def test_a_batch_gets_back_only_its_new_ids_on_either_path(engine: sa.Engine) ->
             ("audit", a, "orders.created"),
         ]
     )
+
+
+def test_the_batch_arrays_keep_any_text_as_it_was(engine: sa.Engine) -> None:
+    topics = ["NULL", 'quote"d', "back\\slash", "ä {,} ", ""]
+    ids = [str(uuid.uuid4()) for _ in topics]
+    with engine.begin() as conn:
+        assert inbox_insert_batch(conn, "odd", []) == set()
+        assert inbox_insert_batch(conn, "odd", list(zip(ids, topics, strict=True))) == set(ids)
+        rows = conn.execute(
+            sa.select(inbox_table.c.message_id, inbox_table.c.topic).where(
+                inbox_table.c.consumer_group == "odd"
+            )
+        ).all()
+    assert sorted((str(m), t) for m, t in rows) == sorted(zip(ids, topics, strict=True))
