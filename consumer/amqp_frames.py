@@ -50,6 +50,19 @@ _PRIORITY, _CORRELATION_ID, _REPLY_TO, _EXPIRATION = 0x0800, 0x0400, 0x0200, 0x0
 _MESSAGE_ID, _TIMESTAMP, _TYPE, _USER_ID = 0x0080, 0x0040, 0x0020, 0x0010
 _APP_ID, _CLUSTER_ID, _MORE_FLAGS = 0x0008, 0x0004, 0x0001
 
+_STRINGS_BEFORE_TIMESTAMP = (
+    (_CORRELATION_ID, "correlation_id"),
+    (_REPLY_TO, "reply_to"),
+    (_EXPIRATION, "expiration"),
+    (_MESSAGE_ID, "message_id"),
+)
+_STRINGS_AFTER_TIMESTAMP = (
+    (_TYPE, "message_type"),
+    (_USER_ID, "user_id"),
+    (_APP_ID, "app_id"),
+    (_CLUSTER_ID, "cluster_id"),
+)
+
 _DECODE_ERRORS = (PAMQPException, ValueError, struct.error, IndexError, UnicodeDecodeError)
 
 
@@ -144,14 +157,10 @@ def _content_header(frame: bytes) -> ContentHeader | None:
     if flags & _PRIORITY:
         p.priority = frame[pos]
         pos += 1
-    if flags & _CORRELATION_ID:
-        pos, p.correlation_id = _short_str(frame, pos)
-    if flags & _REPLY_TO:
-        pos, p.reply_to = _short_str(frame, pos)
-    if flags & _EXPIRATION:
-        pos, p.expiration = _short_str(frame, pos)
-    if flags & _MESSAGE_ID:
-        pos, p.message_id = _short_str(frame, pos)
+    for flag, name in _STRINGS_BEFORE_TIMESTAMP:
+        if flags & flag:
+            pos, value = _short_str(frame, pos)
+            setattr(p, name, value)
     if flags & _TIMESTAMP:
         (seconds,) = _U64.unpack_from(frame, pos)
         pos += 8
@@ -159,14 +168,10 @@ def _content_header(frame: bytes) -> ContentHeader | None:
         p.timestamp = datetime.fromtimestamp(
             seconds / 1000.0 if seconds > 0xFFFFFFFF else seconds, tz=UTC
         )
-    if flags & _TYPE:
-        pos, p.message_type = _short_str(frame, pos)
-    if flags & _USER_ID:
-        pos, p.user_id = _short_str(frame, pos)
-    if flags & _APP_ID:
-        pos, p.app_id = _short_str(frame, pos)
-    if flags & _CLUSTER_ID:
-        pos, p.cluster_id = _short_str(frame, pos)
+    for flag, name in _STRINGS_AFTER_TIMESTAMP:
+        if flags & flag:
+            pos, value = _short_str(frame, pos)
+            setattr(p, name, value)
     header = ContentHeader.__new__(ContentHeader)
     header.class_id = class_id
     header.weight = weight
