@@ -205,6 +205,10 @@ def _width(row: str) -> int:
     return parameters if isinstance(parameters, int) else len(parameters)
 
 
+_CACHED_ROWS = 1024
+"""Texts of up to this many rows are kept (256 of them): a batch's size repeats."""
+
+
 @functools.lru_cache(maxsize=256)
 def _native_sql(head: str, row: str, rows: int) -> str:
     """``head`` and ``rows`` copies of ``row``, its placeholders numbered $1, $2, ... on."""
@@ -242,7 +246,9 @@ def _statement(head: str, row: str, params: list[Any]) -> tuple[str, list[Any]]:
                 values += [p[name] for name in parameters]
             except KeyError as e:
                 raise psycopg.ProgrammingError(f"query parameter missing: {e.args[0]}") from None
-    return _native_sql(head, row, len(params)), values
+    rows = len(params)
+    build = _native_sql if rows <= _CACHED_ROWS else _native_sql.__wrapped__
+    return build(head, row, rows), values
 
 
 # The connections holding back, each with what it holds; the cursor classes below find

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from consumer.deferred_inserts import _statement, row_insert
+from consumer.deferred_inserts import _native_sql, _statement, row_insert
 
 HEAD = "INSERT INTO effect (message_id, amount) VALUES "
 
@@ -82,3 +82,11 @@ def test_parameters_that_do_not_fit_the_row_raise_psycopgs_error() -> None:
         _statement(HEAD, "(%(id)s, %(amount)s)", [{"id": "a", "amount": 1}, {"id": "b"}])
     with pytest.raises(psycopg.ProgrammingError, match="2 placeholders but 1 parameters"):
         _statement(HEAD, "(%s, %s)", [("a", 1), ("b",)])
+
+
+def test_a_very_long_statement_is_made_but_not_kept() -> None:
+    before = _native_sql.cache_info().currsize
+    sql, values = _statement(HEAD, "(%s)", [(i,) for i in range(1500)])
+    assert sql.endswith("($1499), ($1500)")
+    assert values == list(range(1500))
+    assert _native_sql.cache_info().currsize == before
