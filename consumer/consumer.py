@@ -26,7 +26,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -46,6 +45,7 @@ from outbox.engines import make_async_engine, make_engine
 from outbox.envelope import Envelope
 from outbox.errors import ConfigurationError, MalformedMessageError
 from outbox.health import HealthServer, database_reachable, serve_until_signal
+from outbox.jobs import Jobs
 from outbox.logs import get_logger, redact_url
 from outbox.tracing import consume_span, tracing_enabled
 
@@ -120,7 +120,7 @@ class Consumer:
         self._batcher_task: asyncio.Task[None] | None = None
         self._lanes: dict[str | None, deque[Received]] = {}
         self._stopping = asyncio.Event()
-        self._scheduler: AsyncIOScheduler | None = None
+        self._jobs: Jobs | None = None
         self._health: HealthServer | None = None
         self._receipts: ReceiptPublisher | None = None
 
@@ -246,9 +246,9 @@ class Consumer:
             self._receipts = await self._transport.receipts(self.group, cfg.exchange, self.metrics)
         self._batcher_task = asyncio.create_task(self._batcher(), name=f"batcher {self.group}")
         await self._declare()
-        self._scheduler = AsyncIOScheduler()
-        self._scheduler.add_job(self._purge, "interval", hours=1, max_instances=1, coalesce=True)
-        self._scheduler.start()
+        self._jobs = Jobs()
+        self._jobs.every(3600, self._purge, "inbox purge")
+        self._jobs.start()
         if cfg.metrics_port is not None:
             self._health = HealthServer(self.metrics.render, self._health_checks, cfg.metrics_port)
             await self._health.start()
@@ -290,9 +290,9 @@ class Consumer:
             # Let cancelled handlers leave their transactions (rolled back) before the
             # engines are disposed: an open connection would outlive the consumer.
             await asyncio.wait(self._inflight, timeout=5)
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+        if self._jobs is not None:
+            await self._jobs.stop(5)
+            self._jobs = None
         if self._health is not None:
             await self._health.close()
             self._health = None

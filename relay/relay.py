@@ -25,13 +25,13 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from outbox.broker import PublishOutcome, PublishResult
 from outbox.engines import make_async_engine
 from outbox.envelope import WireFormat
 from outbox.errors import BrokerError, DatabaseError
 from outbox.health import HealthServer, database_reachable
+from outbox.jobs import Jobs
 from outbox.logs import get_logger
 from outbox.tables import SHARD_COUNT, outbox_table
 from relay.checkbacks import CheckbackSweep
@@ -83,7 +83,7 @@ class Relay:
         self._owns_engine = engine is None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._scheduler: AsyncIOScheduler | None = None
+        self._jobs: Jobs | None = None
         self._health: HealthServer | None = None
         self._shards: ShardOwner | None = None
         self._next_rebalance = 0.0
@@ -145,24 +145,10 @@ class Relay:
                 stopping=self._stopping,
             )
             self._spawn("receipts", receipts.run)
-        self._scheduler = AsyncIOScheduler()
-        self._scheduler.add_job(
-            self._maintain,
-            "interval",
-            seconds=cfg.maintenance_interval.total_seconds(),
-            max_instances=1,
-            coalesce=True,
-            id="maintenance",
-        )
-        self._scheduler.add_job(
-            self._refresh_gauges,
-            "interval",
-            seconds=cfg.gauge_interval.total_seconds(),
-            max_instances=1,
-            coalesce=True,
-            id="gauges",
-        )
-        self._scheduler.start()
+        self._jobs = Jobs()
+        self._jobs.every(cfg.maintenance_interval.total_seconds(), self._maintain, "maintenance")
+        self._jobs.every(cfg.gauge_interval.total_seconds(), self._refresh_gauges, "gauges")
+        self._jobs.start()
         if cfg.metrics_port is not None:
             self._health = HealthServer(self.metrics.render, self._health_checks, cfg.metrics_port)
             await self._health.start()
@@ -183,8 +169,8 @@ class Relay:
                 self._log.warning("relay.stop_timeout", unfinished=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
             self._tasks.clear()
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        if self._jobs is not None:
+            await self._jobs.stop(self.config.shutdown_timeout.total_seconds())
         if self._health is not None:
             await self._health.close()
         released = 0
