@@ -115,8 +115,6 @@ class _Held:
         """Hold back ``execute(query, params, **options)`` if it is a row INSERT; whether it was."""
         if options or not isinstance(query, str):
             return False
-        if params is not None and not isinstance(params, dict | list | tuple):
-            return False
         split = row_insert(query)
         if split is None:
             return False

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from outbox.tasks import finish_or_cancel
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
@@ -54,10 +56,5 @@ class Jobs:
             return
         # Paused first: shutdown() itself would cancel the runs going, and not wait for them.
         self._scheduler.pause()
-        running = set(self._running)
-        if running:
-            _done, pending = await asyncio.wait(running, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_or_cancel(set(self._running), timeout)
         self._scheduler.shutdown(wait=False)

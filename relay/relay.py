@@ -34,6 +34,7 @@ from outbox.health import HealthServer, database_reachable
 from outbox.jobs import Jobs
 from outbox.logs import get_logger
 from outbox.tables import SHARD_COUNT, outbox_table
+from outbox.tasks import finish_or_cancel
 from relay.checkbacks import CheckbackSweep
 from relay.config import RelayConfig, UnroutablePolicy
 from relay.metrics import RelayMetrics
@@ -160,14 +161,10 @@ class Relay:
             return
         self._stopping.set()
         if self._tasks:
-            _done, pending = await asyncio.wait(
-                self._tasks, timeout=self.config.shutdown_timeout.total_seconds()
-            )
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._log.warning("relay.stop_timeout", unfinished=len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+            timeout = self.config.shutdown_timeout.total_seconds()
+            late = await finish_or_cancel(self._tasks, timeout)
+            if late:
+                self._log.warning("relay.stop_timeout", unfinished=len(late))
             self._tasks.clear()
         if self._jobs is not None:
             await self._jobs.stop(self.config.shutdown_timeout.total_seconds())

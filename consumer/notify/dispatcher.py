@@ -30,6 +30,7 @@ from consumer.notify.store import AttemptResult
 from outbox.durations import format_duration
 from outbox.logs import get_logger, redact_url
 from outbox.tables import NotificationStatus
+from outbox.tasks import finish_or_cancel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,12 +112,7 @@ class Dispatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         calls = list(self._calls)
         if calls:
-            _, late = await asyncio.wait(
-                calls, timeout=self.config.shutdown_timeout.total_seconds()
-            )
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            late = await finish_or_cancel(calls, self.config.shutdown_timeout.total_seconds())
             if late:
                 self._log.warning(
                     "notify.calls_cut_short",
